@@ -1,0 +1,141 @@
+"""The one place configuration is read (environment variables, `.env`).
+
+Names are fixed by DESIGN.md section 3; others script against them.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+
+_AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
+_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+
+
+@dataclass(frozen=True)
+class Destination:
+    """A DICOM peer that receives our results by C-STORE."""
+
+    ae_title: str
+    host: str
+    port: int
+
+    @classmethod
+    def parse(cls, text: str) -> "Destination":
+        match = _DESTINATION.match(text.strip())
+        if not match:
+            raise ValueError(f"export destination {text!r} is not AET@host:port")
+        ae_title, host, port = match["ae"].strip(), match["host"], int(match["port"])
+        if not _AE_TITLE.match(ae_title) or "\\" in ae_title:
+            raise ValueError(f"export destination {text!r}: invalid AE title")
+        if not 0 < port < 65536:
+            raise ValueError(f"export destination {text!r}: port out of range")
+        return cls(ae_title, host, port)
+
+    def __str__(self) -> str:
+        return f"{self.ae_title}@{self.host}:{self.port}"
+
+
+def _split_list(value: object) -> object:
+    if isinstance(value, str):
+        return [item.strip() for item in value.split(",") if item.strip()]
+    return value
+
+
+class Settings(BaseSettings):
+    """Every `CXR_TRIAGE_*` setting. Bad values stop start-up with a message."""
+
+    model_config = SettingsConfigDict(
+        env_prefix="CXR_TRIAGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
+    )
+
+    data_dir: Path = Path("./var")
+    database_url: str = ""
+    broker_url: str = ""
+    ae_title: str = "CXR_TRIAGE"
+    dicom_port: int = Field(11112, ge=1, le=65535)
+    dicom_host: str = "0.0.0.0"
+    allowed_calling_aets: Annotated[list[str], NoDecode] = []
+    export_destinations: Annotated[list[Destination], NoDecode] = []
+    series_quiet_seconds: float = Field(5.0, ge=0)
+    api_host: str = "127.0.0.1"
+    api_port: int = Field(8000, ge=1, le=65535)
+    model_path: Path | None = None
+    # Beyond DESIGN.md section 3:
+    worker_concurrency: int = Field(1, ge=1)
+    model_runtime: str = "auto"
+    model_threads: int | None = Field(None, ge=1)
+    export_retries: int = Field(5, ge=0)
+    export_backoff_seconds: float = Field(2.0, ge=0)
+    max_pdu_size: int = Field(0, ge=0)
+    log_level: str = "INFO"
+
+    @field_validator("allowed_calling_aets", mode="before")
+    @classmethod
+    def _aets(cls, value: object) -> object:
+        items = _split_list(value)
+        for item in items or []:
+            if not _AE_TITLE.match(item):
+                raise ValueError(f"invalid AE title {item!r}")
+        return items
+
+    @field_validator("export_destinations", mode="before")
+    @classmethod
+    def _destinations(cls, value: object) -> object:
+        items = _split_list(value)
+        if isinstance(items, list):
+            return [Destination.parse(item) if isinstance(item, str) else item for item in items]
+        return items
+
+    @field_validator("ae_title")
+    @classmethod
+    def _ae_title(cls, value: str) -> str:
+        if not _AE_TITLE.match(value) or "\\" in value:
+            raise ValueError(f"invalid AE title {value!r}: 1-16 printable ASCII characters")
+        return value
+
+    @field_validator("model_runtime")
+    @classmethod
+    def _runtime(cls, value: str) -> str:
+        if value not in {"auto", "torch", "onnx"}:
+            raise ValueError("model_runtime must be auto, torch or onnx")
+        return value
+
+    @model_validator(mode="after")
+    def _resolve(self) -> "Settings":
+        self.data_dir = self.data_dir.expanduser().resolve()
+        if not self.database_url:
+            self.database_url = f"sqlite:///{self.data_dir / 'triage.sqlite'}"
+        if not self.broker_url:
+            self.broker_url = f"sqla+sqlite:///{self.data_dir / 'broker.sqlite'}"
+        return self
+
+    @cached_property
+    def instances_dir(self) -> Path:
+        return self.data_dir / "instances"
+
+    @cached_property
+    def results_dir(self) -> Path:
+        return self.data_dir / "results"
+
+    @cached_property
+    def spool_dir(self) -> Path:
+        return self.data_dir / "spool"
+
+    @property
+    def uses_embedded_broker(self) -> bool:
+        return self.broker_url.startswith("sqla+")
+
+    def ensure_dirs(self) -> None:
+        for path in (self.data_dir, self.instances_dir, self.results_dir, self.spool_dir):
+            path.mkdir(parents=True, exist_ok=True)
+
+
+def get_settings() -> Settings:
+    return Settings()

@@ -1,0 +1,70 @@
+"""Names of states and audit actions, in one place."""
+
+from __future__ import annotations
+
+from enum import StrEnum
+
+
+class StudyStatus(StrEnum):
+    RECEIVING = "RECEIVING"
+    READY = "READY"
+    PROCESSING = "PROCESSING"
+    DONE = "DONE"
+    SKIPPED = "SKIPPED"
+    FAILED = "FAILED"
+
+
+#: States a study can still be (re)queued from after new instances arrive.
+TERMINAL = frozenset({StudyStatus.DONE, StudyStatus.SKIPPED, StudyStatus.FAILED})
+
+
+class ExportStatus(StrEnum):
+    EXPORT_PENDING = "EXPORT_PENDING"
+    EXPORTED = "EXPORTED"
+    EXPORT_FAILED = "EXPORT_FAILED"
+
+
+class JobStatus(StrEnum):
+    QUEUED = "QUEUED"
+    RUNNING = "RUNNING"
+    DONE = "DONE"
+    FAILED = "FAILED"
+
+
+class ResultKind(StrEnum):
+    SR = "SR"
+    HEATMAP = "HEATMAP"
+
+
+class AuditAction(StrEnum):
+    INSTANCE_RECEIVED = "INSTANCE_RECEIVED"
+    INSTANCE_DUPLICATE = "INSTANCE_DUPLICATE"
+    INSTANCE_REJECTED = "INSTANCE_REJECTED"
+    STATUS_CHANGED = "STATUS_CHANGED"
+    JOB_ENQUEUED = "JOB_ENQUEUED"
+    RESULT_STORED = "RESULT_STORED"
+    EXPORT_STATUS = "EXPORT_STATUS"
+    READ_WORKLIST = "READ_WORKLIST"
+    READ_STUDY = "READ_STUDY"
+    READ_SR = "READ_SR"
+    READ_HEATMAPS = "READ_HEATMAPS"
+    READ_AUDIT = "READ_AUDIT"
+
+
+#: Priority added per positive finding: urgent findings first.
+FINDING_WEIGHTS: dict[str, float] = {
+    "Pneumothorax": 100.0,
+    "Effusion": 40.0,
+    "Pneumonia": 40.0,
+    "Consolidation": 35.0,
+    "Edema": 35.0,
+    "Mass": 30.0,
+    "Cardiomegaly": 20.0,
+    "Atelectasis": 20.0,
+    "Nodule": 20.0,
+    "Infiltration": 15.0,
+    "Hernia": 10.0,
+    "Emphysema": 10.0,
+    "Fibrosis": 10.0,
+    "Pleural_Thickening": 5.0,
+}
