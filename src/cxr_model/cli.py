@@ -1,0 +1,178 @@
+"""Plain functions behind ``cxr-triage model info`` and ``model predict``.
+
+They return text (the caller prints it) and never exit the process; the
+command-line parsing lives in the project's CLI.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from .card import load_card
+from .errors import ImageRefused, ModelError
+from .image_io import load_image_file
+from .model import Model, Prediction, load_model
+from .overlay import render_overlay
+
+log = logging.getLogger(__name__)
+
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+DEMO_NOTE = "DEMO WEIGHTS: untrained, outputs are meaningless"
+IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
+
+ImageReader = Callable[[Path], np.ndarray]
+
+
+def info(model_dir: str | os.PathLike[str]) -> str:
+    """A human-readable summary of a model card; the first line shouts when the weights are demo weights."""
+    card = load_card(model_dir)
+    lines = []
+    if card.demo:
+        lines.append(f"*** DEMO WEIGHTS - outputs are meaningless - {NOT_FOR_DIAGNOSTIC_USE} ***")
+    lines += [
+        f"name:           {card.name}",
+        f"version:        {card.version}",
+        f"directory:      {Path(model_dir)}",
+        f"architecture:   {card.architecture}, {card.in_channels} input channel(s), {card.input_size} px",
+        f"normalization:  {card.normalization}",
+        f"weights:        {card.weights_file} ({card.weights_dtype}), sha256 {card.weights_sha256}",
+        f"demo:           {'yes' if card.demo else 'no'}",
+        f"intended use:   {card.intended_use}",
+        "findings (threshold, calibration):",
+    ]
+    for label in card.labels:
+        t = card.calibration.get(label, {}).get("temperature")
+        cal = f"T={t:g}" if t is not None else "uncalibrated"
+        lines.append(f"  {label:<20} {card.thresholds[label]:.3f}  {cal}")
+    if card.evaluation:
+        lines.append("evaluation: " + json.dumps(card.evaluation, sort_keys=True))
+    if card.provenance:
+        lines.append("provenance: " + json.dumps(card.provenance, sort_keys=True))
+    return "\n".join(lines)
+
+
+def default_read_image(path: Path) -> np.ndarray:
+    """PNG/JPEG reader; any other file type is skipped with a reason."""
+    if path.suffix.lower() not in IMAGE_SUFFIXES:
+        raise ImageRefused(f"unsupported file type {path.suffix or '(none)'!r}: expected PNG or JPEG")
+    return load_image_file(path)
+
+
+def _safe_stem(path: Path) -> str:
+    return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("._") or "image"
+
+
+def _legend(model: Model, finding: str, pred: Prediction) -> list[str]:
+    card = model.card
+    p = pred.probabilities[finding]
+    state = "positive" if finding in pred.positive else "below threshold (top finding)"
+    lines = [
+        f"{finding}: p = {p:.3f} (threshold {card.thresholds[finding]:.2f}, {state})",
+        f"{card.name} {card.version} - CAM heat map",
+        NOT_FOR_DIAGNOSTIC_USE,
+    ]
+    if card.demo:
+        lines.append(DEMO_NOTE)
+    return lines
+
+
+def write_heatmaps(
+    image: np.ndarray, pred: Prediction, model: Model, out_dir: Path, stem: str
+) -> list[Path]:
+    """One overlay PNG per positive finding, or for the top finding when none is positive."""
+    if pred.cams is None:
+        raise ModelError("heat maps need a prediction made with cams=True")
+    findings = list(pred.positive) or [pred.top()[0]]
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for finding in findings:
+        img = render_overlay(image, pred.cams[finding], _legend(model, finding, pred))
+        path = out_dir / f"{stem}_{finding}.png"
+        img.save(path)
+        written.append(path)
+    return written
+
+
+def predict_records(
+    paths: Iterable[str | os.PathLike[str]],
+    model: Model,
+    *,
+    heatmaps_dir: str | os.PathLike[str] | None = None,
+    read_image: ImageReader | None = None,
+) -> list[dict[str, Any]]:
+    """Score files one by one; a file that cannot be read is reported, never fatal."""
+    reader = read_image or default_read_image
+    card = model.card
+    model_info = {"name": card.name, "version": card.version, "demo": card.demo}
+    records = []
+    for raw in paths:
+        path = Path(raw)
+        rec: dict[str, Any] = {
+            "file": str(path), "status": "ok", "reason": None, "model": model_info,
+            "probabilities": None, "positive": None,
+        }
+        try:
+            image = reader(path)
+            pred = model.predict([image], cams=heatmaps_dir is not None)[0]
+            rec["probabilities"] = pred.probabilities
+            rec["positive"] = list(pred.positive)
+            if heatmaps_dir is not None:
+                written = write_heatmaps(np.asarray(image, dtype=np.float32), pred, model, Path(heatmaps_dir), _safe_stem(path))
+                rec["heatmaps"] = [str(p) for p in written]
+        except ImageRefused as exc:
+            rec.update(status="skipped", reason=exc.reason)
+        except Exception as exc:  # one bad file must not stop the batch
+            log.warning("failed to score %s: %s", path, exc)
+            rec.update(status="error", reason=f"{type(exc).__name__}: {exc}")
+        records.append(rec)
+    return records
+
+
+def format_records(records: list[dict[str, Any]], *, demo: bool) -> str:
+    lines = []
+    if demo:
+        lines.append(f"*** {DEMO_NOTE} - {NOT_FOR_DIAGNOSTIC_USE} ***")
+    for rec in records:
+        if rec["status"] != "ok":
+            lines.append(f"{rec['file']}: {rec['status'].upper()} - {rec['reason']}")
+            continue
+        probs = rec["probabilities"]
+        top = sorted(probs.items(), key=lambda kv: -kv[1])[:3]
+        pos = ", ".join(rec["positive"]) or "none"
+        lines.append(f"{rec['file']}: positive: {pos}; top: " + ", ".join(f"{k} {v:.3f}" for k, v in top))
+        for h in rec.get("heatmaps", []):
+            lines.append(f"  heat map: {h}")
+    return "\n".join(lines)
+
+
+def predict_files(
+    paths: Iterable[str | os.PathLike[str]],
+    model_dir: str | os.PathLike[str],
+    heatmaps_dir: str | os.PathLike[str] | None = None,
+    as_json: bool = False,
+    read_image: ImageReader | None = None,
+    *,
+    runtime: str = "auto",
+    model: Model | None = None,
+) -> str:
+    """Score image files with the model in ``model_dir``; return JSON or a human-readable report.
+
+    ``read_image(path)`` returns a 2-D [0, 1] array or raises: :class:`ImageRefused`
+    makes the file ``"skipped"`` with its reason, any other exception makes it
+    ``"error"``.  The default reads PNG/JPEG.  JSON is a list with one object
+    per file: file, status, reason, model {name, version, demo},
+    probabilities, positive (and heatmaps when written).
+    """
+    model = model or load_model(model_dir, runtime)  # type: ignore[arg-type]
+    records = predict_records(paths, model, heatmaps_dir=heatmaps_dir, read_image=read_image)
+    if as_json:
+        return json.dumps(records, indent=2)
+    return format_records(records, demo=model.card.demo)

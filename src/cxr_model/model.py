@@ -1,0 +1,163 @@
+"""Loading a model directory and scoring images with it."""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Protocol
+
+import numpy as np
+import torch
+
+from .cam import cams_for_image, raw_cams
+from .card import ModelCard, load_card
+from .errors import ModelError
+from .network import CLASSIFIER_WEIGHT, load_network
+from .preprocess import preprocess
+from .runtime import TorchRuntime, build_onnx_runtime
+
+log = logging.getLogger(__name__)
+
+RuntimeName = Literal["auto", "torch", "onnx"]
+
+
+@dataclass(frozen=True)
+class Prediction:
+    """The model's answer for one image.
+
+    ``probabilities`` are calibrated, in the card's label order;
+    ``positive`` lists the labels at or above the card's operating threshold;
+    ``cams`` maps every label to a float32 (H, W) map in [0, 1] on the input
+    image's own pixel grid (None when CAMs were not requested).
+    """
+
+    probabilities: dict[str, float]
+    positive: tuple[str, ...]
+    cams: dict[str, np.ndarray] | None = None
+
+    def __post_init__(self) -> None:
+        for k, p in self.probabilities.items():
+            if not 0.0 <= p <= 1.0:
+                raise ModelError(f"probability of {k} is {p}, outside [0, 1]")
+        unknown = set(self.positive) - set(self.probabilities)
+        if unknown:
+            raise ModelError(f"positive findings {sorted(unknown)} have no probability")
+
+    def top(self) -> tuple[str, float]:
+        """The label with the highest probability."""
+        name = max(self.probabilities, key=self.probabilities.__getitem__)
+        return name, self.probabilities[name]
+
+
+class Backend(Protocol):
+    name: str
+
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
+
+
+class Model:
+    """A loaded model: its card, one inference back-end and the classifier weights used for CAMs."""
+
+    def __init__(self, card: ModelCard, backend: Backend, classifier_weight: np.ndarray, *, batch_size: int = 8):
+        if classifier_weight.shape[0] != len(card.labels):
+            raise ModelError(
+                f"label mismatch: card has {len(card.labels)} labels, classifier has {classifier_weight.shape[0]} rows"
+            )
+        if batch_size < 1:
+            raise ModelError(f"batch_size must be >= 1, got {batch_size}")
+        self.card = card
+        self.backend = backend
+        self.batch_size = batch_size
+        self._weight = torch.as_tensor(np.asarray(classifier_weight, dtype=np.float32))
+        temps = [card.calibration.get(label, {}).get("temperature", 1.0) for label in card.labels]
+        self._temperature = np.asarray(temps, dtype=np.float64)
+        self._threshold = np.asarray([card.thresholds[label] for label in card.labels], dtype=np.float64)
+
+    @property
+    def runtime(self) -> str:
+        return self.backend.name
+
+    def __repr__(self) -> str:
+        return f"Model({self.card.name!r}, version={self.card.version!r}, runtime={self.runtime!r}, demo={self.card.demo})"
+
+    def probabilities(self, logits: np.ndarray) -> np.ndarray:
+        """Calibrated probabilities: sigmoid(logit / T) per label (T = 1 without calibration)."""
+        z = np.asarray(logits, dtype=np.float64) / self._temperature
+        return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1 / (1 + exp(-z)), without overflow
+
+    def predict(self, images: Sequence[np.ndarray], cams: bool = True) -> list[Prediction]:
+        """Score 2-D [0, 1] images (1 = brightest displayed); one Prediction per image, same order."""
+        if isinstance(images, np.ndarray) and images.ndim == 2:
+            raise ModelError("predict() takes a sequence of images; wrap a single image in a list")
+        out: list[Prediction] = []
+        images = list(images)
+        for start in range(0, len(images), self.batch_size):
+            chunk = images[start : start + self.batch_size]
+            prepared = [preprocess(img, self.card) for img in chunk]
+            batch = np.stack([x for x, _ in prepared])
+            logits, feats = self.backend.forward(batch)
+            probs = self.probabilities(logits)
+            maps = raw_cams(torch.from_numpy(feats), self._weight) if cams else None
+            for i, (_, geo) in enumerate(prepared):
+                p = {label: float(probs[i, j]) for j, label in enumerate(self.card.labels)}
+                positive = tuple(label for j, label in enumerate(self.card.labels) if probs[i, j] >= self._threshold[j])
+                cam_dict = None
+                if maps is not None:
+                    arr = cams_for_image(maps[i], geo)
+                    cam_dict = {label: arr[j] for j, label in enumerate(self.card.labels)}
+                out.append(Prediction(probabilities=p, positive=positive, cams=cam_dict))
+        return out
+
+
+def load_model(
+    model_dir: str | os.PathLike[str],
+    runtime: RuntimeName = "auto",
+    *,
+    threads: int | None = None,
+    cache_dir: str | os.PathLike[str] | None = None,
+    device: str | None = None,
+    batch_size: int = 8,
+) -> Model:
+    """Load and verify a model directory.
+
+    Checks the weights' SHA-256 against the card and the label count against
+    the classifier, then builds the requested back-end:
+
+    - ``"torch"``: eager PyTorch fp32 (on ``device``; default CPU).
+    - ``"onnx"``: ONNX Runtime fp32 from a graph exported once and cached in
+      ``cache_dir`` (default ``~/.cache/cxr-triage/onnx``), accepted only if its
+      logits equal PyTorch's within 1e-4 on a fixed random input; raises
+      ModelError otherwise.
+    - ``"auto"``: ONNX Runtime when that check passes (it is the faster CPU
+      path), else PyTorch with a logged warning; PyTorch when ``device`` is a GPU.
+
+    ``threads`` sets ONNX Runtime's intra-op threads, or PyTorch's (process-wide).
+    """
+    if runtime not in ("auto", "torch", "onnx"):
+        raise ModelError(f"runtime must be 'auto', 'torch' or 'onnx', got {runtime!r}")
+    model_dir = Path(model_dir)
+    card = load_card(model_dir)
+    net = load_network(model_dir, card)
+    weight = net.state_dict()[CLASSIFIER_WEIGHT].detach().cpu().numpy().copy()
+    torch_rt = TorchRuntime(net, device=device)
+    backend: Backend = torch_rt
+    on_gpu = torch_rt.device.type != "cpu"
+    if runtime == "onnx" or (runtime == "auto" and not on_gpu):
+        try:
+            cpu_rt = torch_rt if not on_gpu else TorchRuntime(net, device="cpu")
+            backend = build_onnx_runtime(
+                net, card, torch_rt=cpu_rt, threads=threads, cache_dir=Path(cache_dir) if cache_dir else None
+            )
+        except Exception as exc:
+            if runtime == "onnx":
+                raise ModelError(f"ONNX runtime unavailable for {card.name} {card.version}: {exc}") from exc
+            log.warning("ONNX runtime unavailable for %s %s, using PyTorch: %s", card.name, card.version, exc)
+    if backend is torch_rt and threads is not None:
+        torch.set_num_threads(int(threads))  # process-wide: PyTorch has no per-module setting
+    if card.demo:
+        log.warning("model %s %s carries DEMO WEIGHTS: its outputs are meaningless, not for diagnostic use",
+                    card.name, card.version)
+    return Model(card, backend, weight, batch_size=batch_size)

@@ -1,0 +1,158 @@
+"""Inference back-ends: eager PyTorch and ONNX Runtime.
+
+Both expose ``forward(batch) -> (logits, features)`` on a (B, C, S, S)
+float32 numpy batch and return numpy arrays, so the rest of the pipeline
+(probabilities, CAMs) is shared and the two can be compared number for number.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import logging
+import warnings
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .card import ModelCard, write_bytes_atomic
+from .errors import ModelError
+from .network import LogitsAndFeatures
+
+log = logging.getLogger(__name__)
+
+#: ONNX Runtime counts as equal to PyTorch when max |logit difference| <= ONNX_TOLERANCE * max(1, max |logit|)
+#: (absolute for ordinary logits; relative where float32 cannot resolve 1e-4 absolutely), same for the features.
+ONNX_TOLERANCE = 1e-4
+ONNX_OPSET = 17
+#: bump when the exported graph changes so that stale cache files are not reused.
+_EXPORT_REVISION = "1"
+
+
+def default_cache_dir() -> Path:
+    return Path.home() / ".cache" / "cxr-triage" / "onnx"
+
+
+class TorchRuntime:
+    name = "torch"
+
+    def __init__(self, net: torch.nn.Module, *, device: str | torch.device | None = None):
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self.module = LogitsAndFeatures(net).to(self.device).eval()
+
+    @torch.inference_mode()
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
+        logits, feats = self.module(x)
+        return logits.float().cpu().numpy(), feats.float().cpu().numpy()
+
+
+class OnnxRuntime:
+    name = "onnx"
+
+    def __init__(self, model_bytes: bytes, *, threads: int | None = None):
+        import onnxruntime as ort
+
+        opts = ort.SessionOptions()
+        opts.intra_op_num_threads = int(threads) if threads else 0  # 0 = ORT's default (physical cores)
+        opts.inter_op_num_threads = 1
+        opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
+        opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        opts.log_severity_level = 3
+        self.session = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
+        self.threads = threads
+
+    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        logits, feats = self.session.run(["logits", "features"], {"input": np.ascontiguousarray(batch, dtype=np.float32)})
+        return logits, feats
+
+
+def _export_bytes(net: torch.nn.Module, in_channels: int, size: int) -> bytes:
+    """Export (logits, features) with dynamic batch and spatial size; legacy exporter first.
+
+    torch 2.13's default exporter (``dynamo=True``) needs the ``onnxscript``
+    package; the TorchScript-based exporter (``dynamo=False``) needs nothing
+    extra and handles DenseNet121 exactly, so it is tried first.
+    """
+    module = LogitsAndFeatures(net).eval()
+    example = torch.zeros(1, in_channels, size, size)
+    errors = []
+    buf = io.BytesIO()
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(
+                module,
+                (example,),
+                buf,
+                dynamo=False,
+                input_names=["input"],
+                output_names=["logits", "features"],
+                dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"},
+                              "features": {0: "batch", 2: "fh", 3: "fw"}},
+                opset_version=ONNX_OPSET,
+                do_constant_folding=True,
+            )
+        return buf.getvalue()
+    except Exception as exc:  # legacy exporter removed or failing: try the dynamo one
+        errors.append(f"legacy exporter: {exc}")
+    try:
+        batch = torch.export.Dim("batch", min=1, max=4096)
+        program = torch.onnx.export(
+            module, (example,), dynamo=True, input_names=["input"], output_names=["logits", "features"],
+            dynamic_shapes=({0: batch},), opset_version=max(ONNX_OPSET, 18),
+        )
+        buf = io.BytesIO()
+        program.save(buf)
+        return buf.getvalue()
+    except Exception as exc:
+        errors.append(f"dynamo exporter (needs onnxscript): {exc}")
+    raise ModelError("ONNX export failed: " + "; ".join(errors))
+
+
+def _verify(onnx_rt: OnnxRuntime, torch_rt: TorchRuntime, card: ModelCard) -> float:
+    gen = torch.Generator().manual_seed(20240229)
+    x = torch.rand(2, card.in_channels, card.input_size, card.input_size, generator=gen).numpy()
+    x = (x - 0.5) * (4.0 if card.normalization == "imagenet" else 2048.0)
+    lt, ft = torch_rt.forward(x)
+    lo, fo = onnx_rt.forward(x)
+    if lo.shape != lt.shape or fo.shape != ft.shape:
+        raise ModelError(f"ONNX output shapes {lo.shape}/{fo.shape} differ from torch {lt.shape}/{ft.shape}")
+    dl = float(np.abs(lo - lt).max()) / max(1.0, float(np.abs(lt).max()))
+    df = float(np.abs(fo - ft).max()) / max(1.0, float(np.abs(ft).max()))
+    if not (dl <= ONNX_TOLERANCE and df <= ONNX_TOLERANCE):
+        raise ModelError(f"ONNX Runtime differs from PyTorch: scaled logit diff {dl:.2e}, scaled feature diff {df:.2e}")
+    return dl
+
+
+def _cache_path(card: ModelCard, cache_dir: Path) -> Path:
+    tag = hashlib.sha256(
+        f"{torch.__version__}|{ONNX_OPSET}|{_EXPORT_REVISION}|{card.in_channels}|{len(card.labels)}".encode()
+    ).hexdigest()[:12]
+    return cache_dir / f"{card.weights_sha256}-{tag}.onnx"
+
+
+def build_onnx_runtime(
+    net: torch.nn.Module, card: ModelCard, *, torch_rt: TorchRuntime, threads: int | None, cache_dir: Path | None
+) -> OnnxRuntime:
+    """Load (or export and cache) the ONNX graph and check it against PyTorch; raise ModelError if unusable."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    path = _cache_path(card, cache)
+    if path.is_file():
+        try:
+            rt = OnnxRuntime(path.read_bytes(), threads=threads)
+            _verify(rt, torch_rt, card)
+            log.debug("using cached ONNX graph %s", path)
+            return rt
+        except Exception as exc:
+            log.warning("cached ONNX graph %s is unusable (%s); exporting again", path, exc)
+    data = _export_bytes(net, card.in_channels, card.input_size)
+    rt = OnnxRuntime(data, threads=threads)
+    diff = _verify(rt, torch_rt, card)
+    log.info("exported %s %s to ONNX (scaled max logit difference vs torch %.1e)", card.name, card.version, diff)
+    try:
+        write_bytes_atomic(path, data)
+    except OSError as exc:  # read-only home etc.: keep the in-memory graph
+        log.warning("cannot cache ONNX graph at %s (%s); using it from memory", path, exc)
+    return rt

@@ -1,0 +1,106 @@
+"""ONNX Runtime versus PyTorch, the ONNX cache and fallback, and calibration."""
+
+from __future__ import annotations
+
+import logging
+
+import numpy as np
+import pytest
+import torch
+
+from cxr_model import FINDINGS, ModelError, load_model
+from cxr_model import runtime as rt_module
+from cxr_model.network import build_network
+from cxr_model.store import write_model_dir
+
+SIZE = 96
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("model")
+    torch.manual_seed(3)
+    net = build_network(3, len(FINDINGS))
+    with torch.no_grad():
+        net.class_layers.out.weight.normal_(0, 0.05)
+    write_model_dir(
+        d, net.state_dict(), name="t", version="1", labels=FINDINGS, input_size=SIZE, in_channels=3,
+        normalization="imagenet", thresholds={f: 0.5 for f in FINDINGS}, calibration={}, evaluation={},
+        intended_use="test", demo=False,
+    )
+    return d
+
+
+@pytest.fixture()
+def images():
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[0:120, 0:90] / 60.0
+    smooth = (0.5 + 0.4 * np.sin(3 * xx) * np.cos(2 * yy)).astype(np.float32)
+    return [smooth, rng.random((70, 100), dtype=np.float32)]
+
+
+def test_onnx_equals_torch(model_dir, images, tmp_path):
+    m_torch = load_model(model_dir, "torch")
+    m_onnx = load_model(model_dir, "onnx", cache_dir=tmp_path, threads=1)
+    assert (m_torch.runtime, m_onnx.runtime) == ("torch", "onnx")
+    preds = m_torch.predict(images)
+    probs = np.array([list(p.probabilities.values()) for p in preds])
+    assert ((probs > 0.01) & (probs < 0.99)).mean() > 0.5, "test model must not saturate"
+    for a, b in zip(preds, m_onnx.predict(images), strict=True):
+        assert a.positive == b.positive
+        for f in FINDINGS:
+            assert abs(a.probabilities[f] - b.probabilities[f]) < 1e-4
+            assert a.cams[f].shape == b.cams[f].shape
+            assert np.abs(a.cams[f] - b.cams[f]).max() < 1e-4
+
+
+def test_auto_uses_onnx_and_caches_the_export(model_dir, tmp_path, monkeypatch):
+    model = load_model(model_dir, "auto", cache_dir=tmp_path)
+    assert model.runtime == "onnx"
+    cached = list(tmp_path.glob("*.onnx"))
+    assert len(cached) == 1 and cached[0].name.startswith(model.card.weights_sha256)
+
+    def no_export(*args, **kwargs):
+        raise AssertionError("the cached graph should have been reused")
+
+    monkeypatch.setattr(rt_module, "_export_bytes", no_export)
+    assert load_model(model_dir, "auto", cache_dir=tmp_path).runtime == "onnx"
+    cached[0].write_bytes(b"corrupt")  # a damaged cache entry is re-exported, not trusted
+    monkeypatch.undo()
+    assert load_model(model_dir, "auto", cache_dir=tmp_path).runtime == "onnx"
+
+
+def test_failed_export_falls_back_to_torch(model_dir, tmp_path, monkeypatch, caplog):
+    def broken(*args, **kwargs):
+        raise ModelError("ONNX export failed: simulated")
+
+    monkeypatch.setattr(rt_module, "_export_bytes", broken)
+    with caplog.at_level(logging.WARNING, logger="cxr_model"):
+        model = load_model(model_dir, "auto", cache_dir=tmp_path)
+    assert model.runtime == "torch"
+    assert "ONNX runtime unavailable" in caplog.text and "simulated" in caplog.text
+    with pytest.raises(ModelError, match="ONNX runtime unavailable.*simulated"):
+        load_model(model_dir, "onnx", cache_dir=tmp_path)
+
+
+def test_temperature_calibration(model_dir, images, tmp_path):
+    import json
+    import shutil
+
+    cal_dir = tmp_path / "cal"
+    shutil.copytree(model_dir, cal_dir)
+    card = json.loads((cal_dir / "model_card.json").read_text())
+    card["calibration"] = {"Mass": {"temperature": 2.0}}
+    card["thresholds"]["Mass"] = 0.0  # threshold 0 -> always positive
+    (cal_dir / "model_card.json").write_text(json.dumps(card))
+    plain = load_model(model_dir, "torch").predict(images[:1], cams=False)[0]
+    cal = load_model(cal_dir, "torch").predict(images[:1], cams=False)[0]
+    logit = np.log(plain.probabilities["Mass"] / (1 - plain.probabilities["Mass"]))
+    assert cal.probabilities["Mass"] == pytest.approx(1 / (1 + np.exp(-logit / 2.0)), abs=1e-6)
+    assert cal.probabilities["Edema"] == pytest.approx(plain.probabilities["Edema"], abs=1e-7)
+    assert "Mass" in cal.positive
+
+
+def test_bad_runtime_name(model_dir):
+    with pytest.raises(ModelError, match="runtime must be"):
+        load_model(model_dir, "tensorrt")
