@@ -1,0 +1,121 @@
+"""Rendering of a CAM over a radiograph as an RGB picture with a legend.
+
+Pure numpy + Pillow; the DICOM encoding is in `results.py`.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+import numpy as np
+from PIL import Image, ImageDraw, ImageFont
+
+__all__ = ["MAX_SIDE", "colormap", "normalise_cam", "render_overlay"]
+
+MAX_SIDE = 1024
+_ALPHA = 0.6  # opacity of the colour at the highest CAM value
+
+# Matplotlib's "inferno" (perceptually uniform, readable in greyscale and by
+# most colour-blind readers) sampled at 0.0, 0.1, ..., 1.0.
+_INFERNO_HEX = (
+    "000004", "160b39", "420a68", "6a176e", "932667", "bc3754",
+    "dd513a", "f37819", "fca50a", "f6d746", "fcffa4",
+)
+_INFERNO = np.array([[int(h[i : i + 2], 16) for i in (0, 2, 4)] for h in _INFERNO_HEX], dtype=np.float64) / 255.0
+_STOPS = np.linspace(0.0, 1.0, len(_INFERNO_HEX))
+
+
+def colormap(values: np.ndarray) -> np.ndarray:
+    """Map values in [0, 1] to RGB in [0, 1] (shape + (3,)) with inferno."""
+    v = np.clip(np.asarray(values, dtype=np.float64), 0.0, 1.0)
+    return np.stack([np.interp(v, _STOPS, _INFERNO[:, c]) for c in range(3)], axis=-1)
+
+
+def _resize(array: np.ndarray, size: tuple[int, int]) -> np.ndarray:
+    """Resize a 2-D float array to (width, height) with bilinear filtering."""
+    image = Image.fromarray(np.ascontiguousarray(array, dtype=np.float32), mode="F")
+    return np.asarray(image.resize(size, Image.Resampling.BILINEAR), dtype=np.float64)
+
+
+def normalise_cam(cam: np.ndarray) -> np.ndarray:
+    """Scale a class activation map to [0, 1] (relative relevance)."""
+    cam = np.nan_to_num(np.asarray(cam, dtype=np.float64), nan=0.0, posinf=0.0, neginf=0.0)
+    low, high = float(cam.min()), float(cam.max())
+    if high <= low:
+        return np.zeros_like(cam)
+    return (cam - low) / (high - low)
+
+
+def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    try:
+        return ImageFont.load_default(size=size)
+    except (TypeError, ValueError, OSError):  # Pillow without FreeType: bitmap font
+        return ImageFont.load_default()
+
+
+def render_overlay(display: np.ndarray, cam: np.ndarray, lines: Sequence[str], warning_lines: Sequence[str]) -> np.ndarray:
+    """Blend `cam` over the greyscale `display` and add a legend band below.
+
+    Args:
+        display: 2-D radiograph in [0, 1] (1 = white), as `display_array` gives.
+        cam: 2-D map of any size; resized to the radiograph, scaled to [0, 1].
+        lines: legend text (finding, probability, model).
+        warning_lines: text drawn in a warning colour (not for diagnostic use,
+            demo weights).
+
+    Returns:
+        uint8 RGB array (rows, columns, 3); longest side of the radiograph
+        part at most `MAX_SIDE`; the legend band adds rows below it.
+    """
+    display = np.asarray(display, dtype=np.float64)
+    if display.ndim != 2 or min(display.shape) < 2:
+        raise ValueError(f"display must be a 2-D image, got shape {display.shape}")
+    cam = np.asarray(cam)
+    if cam.ndim != 2 or min(cam.shape) < 1:
+        raise ValueError(f"cam must be a 2-D map, got shape {cam.shape}")
+    rows, columns = display.shape
+    scale = min(1.0, MAX_SIDE / max(rows, columns))
+    width, height = max(2, round(columns * scale)), max(2, round(rows * scale))
+    grey = np.clip(_resize(display, (width, height)) if scale < 1.0 else display, 0.0, 1.0)
+    relevance = np.clip(_resize(normalise_cam(cam), (width, height)), 0.0, 1.0)
+
+    alpha = (_ALPHA * relevance)[..., None]
+    rgb = (1.0 - alpha) * grey[..., None] + alpha * colormap(relevance)
+    picture = np.round(rgb * 255.0).astype(np.uint8)
+    return _add_legend(picture, list(lines), list(warning_lines))
+
+
+def _add_legend(picture: np.ndarray, lines: list[str], warning_lines: list[str]) -> np.ndarray:
+    height, width = picture.shape[:2]
+    font_size = max(10, min(24, width // 45))
+    font = _font(font_size)
+    line_height = font_size + max(3, font_size // 3)
+    margin = max(4, font_size // 2)
+    bar_height = max(8, font_size)
+    text_lines = lines + warning_lines
+    band_height = margin + bar_height + line_height + len(text_lines) * line_height + margin
+    canvas = Image.new("RGB", (width, height + band_height), (0, 0, 0))
+    canvas.paste(Image.fromarray(picture, mode="RGB"), (0, 0))
+    draw = ImageDraw.Draw(canvas)
+
+    # Colour bar: relevance 0 -> 1, left to right, with its labels under it.
+    top = height + margin
+    left, right = margin, max(margin + 20, width // 2)
+    ramp = colormap(np.linspace(0.0, 1.0, right - left))
+    bar = np.repeat((np.round(ramp * 255.0).astype(np.uint8))[None, :, :], bar_height, axis=0)
+    canvas.paste(Image.fromarray(bar, mode="RGB"), (left, top))
+    draw.rectangle((left - 1, top - 1, right, top + bar_height), outline=(255, 255, 255))
+    label_y = top + bar_height + 2
+    draw.text((left, label_y), "low", fill=(255, 255, 255), font=font)
+    draw.text((right + margin, top), "CAM relevance (relative)", fill=(255, 255, 255), font=font)
+    high_width = draw.textlength("high", font=font)
+    draw.text((right - high_width, label_y), "high", fill=(255, 255, 255), font=font)
+
+    y = top + bar_height + line_height
+    for text in lines:
+        draw.text((margin, y), text, fill=(255, 255, 255), font=font)
+        y += line_height
+    for text in warning_lines:
+        draw.text((margin, y), text, fill=(255, 200, 0), font=font)
+        y += line_height
+    return np.asarray(canvas, dtype=np.uint8)

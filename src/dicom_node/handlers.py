@@ -1,0 +1,43 @@
+"""DIMSE handlers. Dependencies arrive as arguments (`evt_handlers` extra args), never globals."""
+
+from __future__ import annotations
+
+import logging
+
+from pynetdicom import events
+
+from .ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, IngestService
+
+log = logging.getLogger(__name__)
+
+
+def handle_echo(event: events.Event) -> int:
+    return 0x0000
+
+
+def handle_store(event: events.Event, ingest: IngestService) -> int:
+    """Spool, record, answer: never an unhandled exception."""
+    calling_ae_title = event.assoc.requestor.ae_title.strip()
+    request = event.request
+    try:
+        encoded = event.encoded_dataset(include_meta=True)
+        dataset = event.dataset
+        transfer_syntax_uid = str(event.context.transfer_syntax)
+    except Exception as exc:
+        log.warning("C-STORE from %s (affected SOP %s) cannot be decoded: %s",
+                    calling_ae_title, request.AffectedSOPInstanceUID, exc)
+        return CANNOT_UNDERSTAND
+    try:
+        outcome = ingest.store(
+            dataset,
+            encoded,
+            calling_ae_title=calling_ae_title,
+            transfer_syntax_uid=transfer_syntax_uid,
+            affected_sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
+            affected_sop_class_uid=str(request.AffectedSOPClassUID or ""),
+        )
+    except Exception:
+        log.exception("C-STORE from %s (affected SOP %s) failed while recording",
+                      calling_ae_title, request.AffectedSOPInstanceUID)
+        return OUT_OF_RESOURCES
+    return outcome.status

@@ -1,0 +1,186 @@
+"""Receive one instance: validate, spool atomically, record, answer a status.
+
+Plain functions: the SCP handler calls `IngestService.store`, tests call it directly.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import threading
+from dataclasses import dataclass
+from datetime import datetime, timezone
+
+from pydicom.dataset import Dataset
+from sqlalchemy import select
+from sqlalchemy.exc import IntegrityError
+
+from triage_core import audit
+from triage_core.db import Database
+from triage_core.models import Instance, Study
+from triage_core.settings import Settings
+from triage_core.states import AuditAction, StudyStatus
+from triage_core.storage import atomic_write, instance_relpath, is_valid_uid
+
+log = logging.getLogger(__name__)
+ACTOR = audit.SYSTEM_ACTORS["node"]
+
+# DIMSE C-STORE status codes (PS3.4 Annex B.2.3) and the ones we use.
+SUCCESS = 0x0000
+OUT_OF_RESOURCES = 0xA700
+DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
+CANNOT_UNDERSTAND = 0xC000
+PROCESSING_FAILURE = 0x0110
+
+
+@dataclass(frozen=True)
+class StoreOutcome:
+    status: int
+    study_id: int | None = None
+    duplicate: bool = False
+    reason: str = ""
+
+
+def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
+    value = ds.get(keyword, "")
+    return str(value if value is not None else "")[:limit]
+
+
+class IngestService:
+    """Stores instances under the data directory and records them in the worklist."""
+
+    def __init__(self, settings: Settings, database: Database) -> None:
+        self.settings = settings
+        self.database = database
+        # One writer per node process; IntegrityError retry covers several nodes.
+        self._lock = threading.Lock()
+
+    def store(
+        self, dataset: Dataset, encoded: bytes, *, calling_ae_title: str, transfer_syntax_uid: str,
+        affected_sop_instance_uid: str = "", affected_sop_class_uid: str = "",
+    ) -> StoreOutcome:
+        try:
+            study_uid = str(dataset.get("StudyInstanceUID", "") or "")
+            series_uid = str(dataset.get("SeriesInstanceUID", "") or "")
+            sop_uid = str(dataset.get("SOPInstanceUID", "") or "")
+            sop_class = str(dataset.get("SOPClassUID", "") or "")
+        except Exception as exc:  # a malformed element in the header
+            reason = f"cannot read identifying attributes: {exc}"
+            log.warning("C-STORE rejected from %s: %s", calling_ae_title, reason)
+            return StoreOutcome(CANNOT_UNDERSTAND, reason=reason)
+
+        problems = [
+            name
+            for name, value in (
+                ("StudyInstanceUID", study_uid),
+                ("SeriesInstanceUID", series_uid),
+                ("SOPInstanceUID", sop_uid),
+                ("SOPClassUID", sop_class),
+            )
+            if not is_valid_uid(value)
+        ]
+        if problems:
+            reason = "missing or invalid " + ", ".join(problems)
+            log.warning("C-STORE rejected from %s (affected SOP %s): %s",
+                        calling_ae_title, affected_sop_instance_uid or "?", reason)
+            return StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, reason=reason)
+        if affected_sop_instance_uid and affected_sop_instance_uid != sop_uid:
+            reason = "SOPInstanceUID in the dataset differs from the request's Affected SOP Instance UID"
+            log.warning("C-STORE rejected from %s (SOP %s): %s", calling_ae_title, sop_uid, reason)
+            return StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, reason=reason)
+        if affected_sop_class_uid and affected_sop_class_uid != sop_class:
+            reason = "SOPClassUID in the dataset differs from the request's Affected SOP Class UID"
+            log.warning("C-STORE rejected from %s (SOP %s): %s", calling_ae_title, sop_uid, reason)
+            return StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, reason=reason)
+
+        relpath = instance_relpath(study_uid, sop_uid)
+        path = self.settings.instances_dir / relpath
+        digest = hashlib.sha256(encoded).hexdigest()
+        with self._lock:
+            try:
+                existing = self._existing_digest(sop_uid)
+                if existing == digest:
+                    return self._record_duplicate(study_uid, sop_uid, calling_ae_title)
+                atomic_write(path, lambda handle: handle.write(encoded))
+            except OSError as exc:
+                log.error("C-STORE of SOP %s could not be written: %s", sop_uid, exc)
+                return StoreOutcome(OUT_OF_RESOURCES, reason=f"storage error: {exc.strerror or exc}")
+            for attempt in range(3):
+                try:
+                    study_id = self._record(
+                        dataset, study_uid, series_uid, sop_uid, sop_class, relpath, len(encoded),
+                        digest, calling_ae_title, transfer_syntax_uid,
+                    )
+                    break
+                except IntegrityError:
+                    if attempt == 2:
+                        raise
+                    log.info("concurrent insert for study %s, retrying", study_uid)
+        log.info("stored SOP %s (study %s, id %s) from %s", sop_uid, study_uid, study_id, calling_ae_title)
+        return StoreOutcome(SUCCESS, study_id=study_id)
+
+    def _existing_digest(self, sop_uid: str) -> str | None:
+        with self.database.session() as session:
+            return session.scalar(select(Instance.sha256).where(Instance.sop_instance_uid == sop_uid))
+
+    def _record_duplicate(self, study_uid: str, sop_uid: str, calling_ae_title: str) -> StoreOutcome:
+        with self.database.session() as session:
+            study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+            audit.record(session, actor=ACTOR, action=AuditAction.INSTANCE_DUPLICATE, study=study,
+                         sop_instance_uid=sop_uid, calling_ae_title=calling_ae_title)
+            log.info("duplicate SOP %s (study %s) from %s: already stored, unchanged",
+                     sop_uid, study_uid, calling_ae_title)
+            return StoreOutcome(SUCCESS, study_id=study.id if study else None, duplicate=True)
+
+    def _record(
+        self, ds: Dataset, study_uid: str, series_uid: str, sop_uid: str, sop_class: str,
+        relpath: str, size: int, digest: str, calling_ae_title: str, transfer_syntax_uid: str,
+    ) -> int:
+        now = datetime.now(timezone.utc)
+        with self.database.session() as session:
+            study = session.scalar(select(Study).where(Study.study_instance_uid == study_uid))
+            if study is None:
+                study = Study(
+                    study_instance_uid=study_uid,
+                    accession_number=_text(ds, "AccessionNumber", 64),
+                    patient_id=_text(ds, "PatientID", 64),
+                    patient_name=_text(ds, "PatientName", 324),
+                    study_date=_text(ds, "StudyDate", 8),
+                    study_description=_text(ds, "StudyDescription", 64),
+                    status=str(StudyStatus.RECEIVING),
+                    received_at=now,
+                    last_instance_at=now,
+                )
+                session.add(study)
+                session.flush()
+                audit.record(session, actor=ACTOR, action=AuditAction.STATUS_CHANGED, study=study,
+                             previous=None, status=str(StudyStatus.RECEIVING), reason="first instance")
+            else:
+                study.last_instance_at = now
+                if study.status != StudyStatus.RECEIVING:
+                    # New or changed instances after READY/PROCESSING/DONE: the study is
+                    # processed again once quiet; deterministic result UIDs replace old results.
+                    audit.set_status(session, study, StudyStatus.RECEIVING, actor=ACTOR,
+                                     reason=f"new instance after {study.status}")
+            instance = session.scalar(select(Instance).where(Instance.sop_instance_uid == sop_uid))
+            if instance is None:
+                instance = Instance(sop_instance_uid=sop_uid, study_id=study.id)
+                session.add(instance)
+            instance.series_instance_uid = series_uid
+            instance.sop_class_uid = sop_class
+            instance.transfer_syntax_uid = transfer_syntax_uid
+            instance.modality = _text(ds, "Modality", 16)
+            instance.path = relpath
+            instance.size_bytes = size
+            instance.sha256 = digest
+            instance.calling_ae_title = calling_ae_title[:16]
+            instance.received_at = now
+            instance.eligible = None
+            instance.eligibility_reason = ""
+            audit.record(session, actor=ACTOR, action=AuditAction.INSTANCE_RECEIVED, study=study,
+                         sop_instance_uid=sop_uid, series_instance_uid=series_uid,
+                         calling_ae_title=calling_ae_title, size_bytes=size)
+            session.flush()
+            return study.id
+
+

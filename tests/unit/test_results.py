@@ -1,0 +1,338 @@
+"""dicom_node.results: SR and heatmaps on real radiographs, checked by
+dcmtk (dsrdump), dicom3tools (dciodvfy) and highdicom's reader.
+
+dciodvfy warnings seen and accepted (none is an error):
+* "Missing attribute or value that would be needed to build DICOMDIR -
+  Patient ID / Study Date / Study Time / Study ID": the sources lack them; we
+  copy the source's patient and study identity and invent nothing.
+* "Value dubious for this VR - Patient's Name / Referring Physician's Name ...
+  Retired Person Name form": single-component names copied verbatim from the
+  sources ("Anonymized", the SIIM UUID, RG1's "<ward>").
+* SC images: "Laterality ... is only permitted to be empty when actually
+  unknown": Laterality is Type 2C in General Series and the sources do not
+  state it; leaving it out is reported by dciodvfy as an error instead.
+"""
+
+from __future__ import annotations
+
+import copy
+import shutil
+import subprocess
+from pathlib import Path
+
+import highdicom as hd
+import numpy as np
+import pydicom
+import pytest
+from pydicom.uid import ExplicitVRLittleEndian
+
+from dicom_node import _sr_codes
+from dicom_node.pixels import display_array
+from dicom_node.results import (
+    HEATMAP_SERIES_NUMBER,
+    ResultObjects,
+    build_heatmaps,
+    build_results,
+    build_sr,
+    result_uid,
+)
+from triage_core.values import AlgorithmInfo, FindingResult, ImageResult
+
+DATA = Path(__file__).resolve().parents[1] / "data" / "cxr_dicom"
+CR = DATA / "cr_chest_pa_mono1_10bit_explicit_le.dcm"
+NIH = DATA / "nih_00000001_000_cardiomegaly.dcm"
+SIIM = DATA / "siim_chest_pa_jpeg_baseline_no_pneumothorax.dcm"
+RG1 = DATA / "cr_chest_pa_mono1_15bit_j2k_lossy.dcm"
+
+# The ChestX-ray14 label order (DESIGN.md section 5), written out here because
+# dicom_node must not import cxr_model.
+FINDINGS = (
+    "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
+    "Pneumothorax", "Consolidation", "Edema", "Emphysema", "Fibrosis", "Pleural_Thickening", "Hernia",
+)
+DEMO = AlgorithmInfo(
+    name="cxr-densenet121", version="0.1.0-demo", weights_sha256="ab" * 32, demo=True,
+    parameters={"input_size": "224"},
+)
+REAL = AlgorithmInfo(name="cxr-densenet121", version="1.2.0", weights_sha256="cd" * 32, demo=False)
+
+needs_dcmtk = pytest.mark.skipif(shutil.which("dsrdump") is None, reason="dcmtk dsrdump not installed")
+needs_dicom3tools = pytest.mark.skipif(shutil.which("dciodvfy") is None, reason="dicom3tools dciodvfy not installed")
+
+
+@pytest.fixture(autouse=True)
+def _strict_writing():
+    """Everything we write must be valid for its VR (sources may not be)."""
+    settings = pydicom.config.settings
+    before = settings.writing_validation_mode
+    settings.writing_validation_mode = pydicom.config.RAISE
+    yield
+    settings.writing_validation_mode = before
+
+
+def _result(ds: pydicom.Dataset, positives: tuple[str, ...] = ("Cardiomegaly", "Effusion")) -> ImageResult:
+    findings = []
+    for index, name in enumerate(FINDINGS):
+        probability = 0.8 - 0.01 * index if name in positives else 0.05 + 0.02 * index
+        findings.append(FindingResult(name, probability, 0.5, probability >= 0.5))
+    return ImageResult(str(ds.SOPInstanceUID), tuple(findings))
+
+
+def _cams(hot: tuple[int, int] = (2, 1), size: int = 8) -> dict[str, np.ndarray]:
+    """A CAM with one hot spot (row, column) on a coarse grid, like DenseNet's 7x7."""
+    yy, xx = np.mgrid[0:size, 0:size]
+    cam = np.exp(-((yy - hot[0]) ** 2 + (xx - hot[1]) ** 2) / 2.0)
+    return {name: cam for name in FINDINGS}
+
+
+def _write(ds: pydicom.Dataset, path: Path) -> Path:
+    ds.save_as(path, enforce_file_format=True)
+    return path
+
+
+def _dciodvfy_errors(path: Path) -> list[str]:
+    run = subprocess.run(["dciodvfy", str(path)], capture_output=True, text=True, timeout=60)
+    return [line for line in (run.stdout + run.stderr).splitlines() if line.startswith("Error")]
+
+
+@pytest.fixture(scope="module")
+def nih() -> pydicom.Dataset:
+    return pydicom.dcmread(NIH)
+
+
+@pytest.fixture(scope="module")
+def cr() -> pydicom.Dataset:
+    return pydicom.dcmread(CR)
+
+
+# --- SR ------------------------------------------------------------------------
+
+
+@needs_dicom3tools
+@pytest.mark.parametrize("path", [CR, NIH, SIIM, RG1], ids=lambda p: p.name)
+def test_sr_and_heatmaps_pass_dciodvfy(path: Path, tmp_path: Path) -> None:
+    source = pydicom.dcmread(path)
+    objects = build_results([source], [display_array(source)], [_result(source)], [_cams()], DEMO)
+    for number, ds in enumerate(objects):
+        written = _write(ds, tmp_path / f"{number}.dcm")
+        assert _dciodvfy_errors(written) == [], f"{ds.SOPClassUID.name}: dciodvfy errors"
+
+
+@needs_dcmtk
+def test_dsrdump_shows_every_finding_and_the_algorithm(nih: pydicom.Dataset, tmp_path: Path) -> None:
+    path = _write(build_sr([nih], [_result(nih)], DEMO), tmp_path / "sr.dcm")
+    run = subprocess.run(["dsrdump", "+Pl", str(path)], capture_output=True, text=True, timeout=60)
+    assert run.returncode == 0, run.stderr
+    dump = run.stdout
+    for concept in _sr_codes.FINDING_CODES.values():
+        assert f'"{concept.meaning}"' in dump
+    assert '"0.1.0-demo"' in dump and '"cxr-densenet121"' in dump
+    assert "Imaging Measurement Report" in dump and "Plain chest X-ray" in dump
+    assert "NOT FOR DIAGNOSTIC USE" in dump and "DEMO WEIGHTS" in dump
+    assert "Verification Flag   : UNVERIFIED" in dump
+
+
+def test_sr_reads_back_with_every_finding_probability_and_source(
+    nih: pydicom.Dataset, cr: pydicom.Dataset, tmp_path: Path
+) -> None:
+    # Two images of one study, as a PA and an AP would arrive.
+    second = copy.deepcopy(cr)
+    second.StudyInstanceUID = nih.StudyInstanceUID
+    results = [_result(nih), _result(second, positives=("Pneumothorax",))]
+    path = _write(build_sr([nih, second], results, DEMO), tmp_path / "sr.dcm")
+
+    sr = hd.sr.srread(path)
+    assert isinstance(sr, hd.sr.Comprehensive3DSR)
+    by_code = {concept.value: name for name, concept in _sr_codes.FINDING_CODES.items()}
+    recovered = {}
+    for group in sr.content.get_image_measurement_groups():
+        (source,) = group.source_images
+        finding = by_code[group.finding_type.value]
+        (measurement,) = group.get_measurements()
+        assert measurement.name == _sr_codes.PROBABILITY and measurement.unit == _sr_codes.PROBABILITY_UNIT
+        (evaluation,) = group.get_qualitative_evaluations()
+        recovered[(source.referenced_sop_instance_uid, finding)] = (
+            float(measurement.value),
+            evaluation.value == _sr_codes.PRESENT,
+        )
+    expected = {
+        (r.sop_instance_uid, f.finding): (f.probability, f.present) for r in results for f in r.findings
+    }
+    assert recovered.keys() == expected.keys()
+    for key, (probability, present) in expected.items():
+        assert recovered[key][0] == pytest.approx(probability, abs=1e-12)
+        assert recovered[key][1] is present
+    library = {item.referenced_sop_instance_uid for item in _image_items(sr)}
+    assert library == {str(nih.SOPInstanceUID), str(second.SOPInstanceUID)}
+    evidence = {
+        ref.ReferencedSOPInstanceUID
+        for study in sr.CurrentRequestedProcedureEvidenceSequence
+        for series in study.ReferencedSeriesSequence
+        for ref in series.ReferencedSOPSequence
+    }
+    assert evidence == library
+
+
+def _image_items(sr) -> list:
+    root = sr.ContentSequence
+    library = next(item for item in root if item.ConceptNameCodeSequence[0].CodeMeaning == "Image Library")
+    return [
+        hd.sr.ImageContentItem.from_dataset(image)
+        for group in library.ContentSequence
+        for image in group.ContentSequence
+        if image.ValueType == "IMAGE"
+    ]
+
+
+def test_sr_header_patient_study_series_and_equipment(nih: pydicom.Dataset) -> None:
+    before = copy.deepcopy(nih)
+    sr = build_sr([nih], [_result(nih)], DEMO)
+    assert nih == before  # the source is not changed
+    for keyword in ("PatientID", "PatientName", "PatientSex", "StudyInstanceUID", "AccessionNumber"):
+        assert sr.get(keyword) == nih.get(keyword)
+    assert sr.SeriesInstanceUID != nih.SeriesInstanceUID
+    assert sr.SeriesDescription == "CXR Triage AI results - not for diagnostic use - DEMO WEIGHTS"
+    assert sr.VerificationFlag == "UNVERIFIED" and sr.CompletionFlag == "COMPLETE"
+    # highdicom lists itself too; ours is the entry with our model name.
+    (equipment,) = [e for e in sr.ContributingEquipmentSequence if e.Manufacturer == DEMO.manufacturer]
+    purpose = equipment.PurposeOfReferenceCodeSequence[0]
+    assert (purpose.CodeValue, purpose.CodingSchemeDesignator) == ("109102", "DCM")
+    assert equipment.ManufacturerModelName == "cxr-densenet121" and equipment.SoftwareVersions == "0.1.0-demo"
+    assert equipment.DeviceSerialNumber == DEMO.weights_sha256
+    assert "PatientAge" not in sr or len(sr.PatientAge) == 4  # the NIH source's "81" is not valid AS
+
+
+def test_non_demo_sr_does_not_say_demo(nih: pydicom.Dataset) -> None:
+    sr = build_sr([nih], [_result(nih)], REAL)
+    assert "DEMO" not in sr.SeriesDescription
+    text = sr.ContentSequence[-1].ContentSequence[0].TextValue
+    assert "NOT FOR DIAGNOSTIC USE" in text and "DEMO" not in text
+
+
+def test_output_uids_are_deterministic(nih: pydicom.Dataset) -> None:
+    first = build_results([nih], [display_array(nih)], [_result(nih)], [_cams()], DEMO)
+    second = build_results([nih], [display_array(nih)], [_result(nih)], [_cams()], DEMO)
+    assert isinstance(first, ResultObjects)
+    uids = lambda objects: [(ds.SeriesInstanceUID, ds.SOPInstanceUID) for ds in objects]  # noqa: E731
+    assert uids(first) == uids(second)
+    assert _tracking_uids(first.sr) == _tracking_uids(second.sr)
+    other = build_results([nih], [display_array(nih)], [_result(nih)], [_cams()], REAL)
+    assert not set(uids(first)) & set(uids(other))
+    # Two series (SR, heatmaps), one SR and the heatmaps: all distinct.
+    assert len({uid for pair in uids(first) for uid in pair}) == 2 + 1 + len(first.heatmaps)
+    for uid in (uid for pair in uids(first) for uid in pair):
+        assert len(uid) <= 64 and pydicom.uid.UID(uid).is_valid
+
+
+def _tracking_uids(sr: pydicom.Dataset) -> list[str]:
+    out = []
+    for group in hd.sr.Comprehensive3DSR.from_dataset(sr).content.get_image_measurement_groups():
+        out.append(group.tracking_uid)
+    return out
+
+
+def test_result_uid_depends_on_every_input() -> None:
+    base = result_uid("1.2.3", DEMO, "sr")
+    assert base == result_uid("1.2.3", DEMO, "sr")
+    assert base.startswith("2.25.") and pydicom.uid.UID(base).is_valid
+    assert base != result_uid("1.2.4", DEMO, "sr")
+    assert base != result_uid("1.2.3", DEMO, "heatmap:Effusion")
+    assert base != result_uid("1.2.3", REAL, "sr")
+
+
+@needs_dicom3tools
+@pytest.mark.parametrize("charset", ["ISO_IR 100", "ISO_IR 192"])
+def test_non_ascii_patient_name_round_trips(nih: pydicom.Dataset, charset: str, tmp_path: Path) -> None:
+    source = copy.deepcopy(nih)
+    source.SpecificCharacterSet = charset
+    source.PatientName = "Müller^Jürgen"
+    source.ReferringPhysicianName = "Åström^Øyvind"
+    objects = build_results([source], [display_array(source)], [_result(source)], [_cams()], DEMO)
+    for number, ds in enumerate(objects):
+        path = _write(ds, tmp_path / f"{number}.dcm")
+        back = pydicom.dcmread(path)
+        assert back.SpecificCharacterSet == charset
+        assert str(back.PatientName) == "Müller^Jürgen"
+        assert str(back.ReferringPhysicianName) == "Åström^Øyvind"
+        assert _dciodvfy_errors(path) == []
+
+
+def test_mismatched_inputs_are_rejected(nih: pydicom.Dataset, cr: pydicom.Dataset) -> None:
+    with pytest.raises(ValueError, match="no result for source"):
+        build_sr([nih], [_result(cr)], DEMO)
+    with pytest.raises(ValueError, match="span 2 studies"):
+        build_sr([nih, cr], [_result(nih), _result(cr)], DEMO)
+    partial = {name: cam for name, cam in _cams().items() if name != "Effusion"}
+    with pytest.raises(ValueError, match="no CAM for finding"):
+        build_heatmaps(nih, display_array(nih), _result(nih), partial, DEMO)
+
+
+# --- heatmaps ------------------------------------------------------------------
+
+
+def test_one_heatmap_per_positive_finding(nih: pydicom.Dataset) -> None:
+    images = build_heatmaps(nih, display_array(nih), _result(nih), _cams(), DEMO)
+    assert len(images) == 2
+    assert [image.ImageComments.split(" ")[0] for image in images] == ["Cardiomegaly", "Effusion"]
+
+
+def test_summary_heatmap_when_nothing_is_positive(nih: pydicom.Dataset) -> None:
+    (image,) = build_heatmaps(nih, display_array(nih), _result(nih, positives=()), _cams(), DEMO)
+    assert image.ImageComments.startswith("Hernia")  # the most probable of the negatives
+
+
+def test_heatmap_header(cr: pydicom.Dataset) -> None:
+    (image, _) = build_heatmaps(cr, display_array(cr), _result(cr), _cams(), DEMO)
+    assert image.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
+    assert image.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
+    assert image.PhotometricInterpretation == "RGB" and image.SamplesPerPixel == 3
+    assert list(image.ImageType[:2]) == ["DERIVED", "SECONDARY"]
+    assert image.BurnedInAnnotation == "YES"
+    for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth", "VOILUTSequence"):
+        assert keyword not in image
+    assert image.StudyInstanceUID == cr.StudyInstanceUID and image.get("PatientID") == cr.get("PatientID")
+    assert image.SeriesInstanceUID != cr.SeriesInstanceUID and image.SeriesNumber == HEATMAP_SERIES_NUMBER
+    assert image.SeriesDescription.endswith("DEMO WEIGHTS")
+    (reference,) = image.SourceImageSequence
+    assert reference.ReferencedSOPInstanceUID == cr.SOPInstanceUID
+    # The source states no Patient Orientation; the copy does not invent one.
+    assert "PatientOrientation" in image and not image.PatientOrientation
+
+
+def test_heatmap_keeps_the_source_patient_orientation() -> None:
+    big = pydicom.dcmread(RG1)
+    (image, _) = build_heatmaps(big, display_array(big), _result(big), _cams(), DEMO)
+    assert list(image.PatientOrientation) == ["L", "F"] == list(big.PatientOrientation)
+    assert image.LossyImageCompression == "01"  # made from a lossy JPEG 2000 source
+
+
+def test_heatmap_is_downscaled_to_1024() -> None:
+    big = pydicom.dcmread(RG1)  # 1841 x 1955
+    (image, _) = build_heatmaps(big, display_array(big), _result(big), _cams(), DEMO)
+    assert image.Columns == round(1841 * 1024 / 1955)
+    rgb = image.pixel_array
+    # The picture fills rows 0..1023; the legend band below starts with a black margin.
+    assert rgb[1020:1024].max() > 0 and rgb[1024:1028].max() == 0
+    assert image.Rows > 1024
+
+
+def test_heatmap_is_hotter_where_the_cam_is_high(nih: pydicom.Dataset) -> None:
+    display = display_array(nih)
+    (image, _) = build_heatmaps(nih, display, _result(nih), _cams(hot=(1, 1)), DEMO)
+    rgb = image.pixel_array.astype(np.int32)
+    side = 1024  # NIH images are 1024x1024: no downscale, the picture is rows 0..1023
+    hot = rgb[: side // 4, : side // 4]
+    cold = rgb[side * 3 // 4 : side, side * 3 // 4 : side]
+    warmth = lambda block: float(np.mean(block[..., 0] - block[..., 2]))  # noqa: E731  red minus blue
+    assert warmth(hot) > warmth(cold) + 20
+    # Where the CAM is low the radiograph shows through unchanged (grey).
+    grey = np.round(display[side * 7 // 8 :, side * 7 // 8 :] * 255)
+    assert np.abs(rgb[side * 7 // 8 : side, side * 7 // 8 : side, 1] - grey).mean() < 25
+
+
+def test_heatmap_legend_is_burned_in(nih: pydicom.Dataset) -> None:
+    (image, _) = build_heatmaps(nih, display_array(nih), _result(nih), _cams(), DEMO)
+    band = image.pixel_array[1024:]
+    assert band.shape[0] > 50
+    assert (band > 200).any()  # text and colour bar
+    assert "NOT FOR DIAGNOSTIC USE" in image.ImageComments and "DEMO WEIGHTS" in image.ImageComments
