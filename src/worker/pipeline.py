@@ -1,0 +1,270 @@
+"""The work of one job, as plain functions tested without Celery.
+
+load instances -> select eligible frontal chest images -> cxr_model (probabilities + CAMs,
+one pass) -> SR + heatmaps (highdicom) -> store -> priority -> DB -> export rows.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Callable, Sequence
+
+import numpy as np
+from pydicom import dcmread
+from pydicom.dataset import Dataset
+from sqlalchemy import delete, select
+
+from cxr_model import ModelCard
+from dicom_node.eligibility import check_eligibility
+from dicom_node.pixels import PixelRefused, display_array
+from dicom_node.results import build_results
+from triage_core import audit
+from triage_core.db import Database
+from triage_core.models import Export, Finding, Instance, Job, ResultObject, Study
+from triage_core.priority import compute_priority, keep_priority
+from triage_core.settings import Settings
+from triage_core.states import AuditAction, ExportStatus, JobStatus, ResultKind, StudyStatus
+from triage_core.storage import atomic_write, result_relpath
+from triage_core.values import AlgorithmInfo, FindingResult, ImageResult
+
+log = logging.getLogger(__name__)
+ACTOR = audit.SYSTEM_ACTORS["worker"]
+
+
+def algorithm_info(card: ModelCard) -> AlgorithmInfo:
+    return AlgorithmInfo(
+        name=card.name,
+        version=card.version,
+        weights_sha256=card.weights_sha256,
+        demo=card.demo,
+        parameters={
+            "architecture": card.architecture,
+            "input_size": str(card.input_size),
+            "normalization": card.normalization,
+        },
+    )
+
+
+@dataclass(frozen=True)
+class Selected:
+    instance_id: int
+    dataset: Dataset
+    display: np.ndarray
+
+
+@dataclass(frozen=True)
+class JobOutcome:
+    status: str
+    reason: str = ""
+    export_ids: tuple[int, ...] = ()
+
+
+class Pipeline:
+    """Runs one job against a loaded model. `model` is a cxr_model model (card + predict)."""
+
+    def __init__(self, settings: Settings, database: Database, model_loader: Callable[[], object]) -> None:
+        self.settings = settings
+        self.database = database
+        self._model_loader = model_loader
+        self._model = None
+
+    @property
+    def model(self):
+        if self._model is None:
+            self._model = self._model_loader()
+        return self._model
+
+    # -- the job -------------------------------------------------------------------------
+
+    def run_job(self, job_id: int) -> JobOutcome:
+        with self.database.session() as session:
+            job = session.get(Job, job_id)
+            if job is None:
+                log.info("job %s is gone: nothing to do", job_id)
+                return JobOutcome("GONE")
+            if job.status in (JobStatus.DONE, JobStatus.FAILED):
+                log.info("job %s already %s: nothing to do", job_id, job.status)
+                return JobOutcome(job.status)
+            study = job.study
+            if study.status not in (StudyStatus.READY, StudyStatus.PROCESSING):
+                # New instances arrived after this job was made; a newer job will follow.
+                job.status = str(JobStatus.DONE)
+                job.error = f"superseded: study is {study.status}"
+                job.finished_at = datetime.now(timezone.utc)
+                return JobOutcome("SUPERSEDED", job.error)
+            job.status = str(JobStatus.RUNNING)
+            job.attempts += 1
+            job.started_at = datetime.now(timezone.utc)
+            audit.set_status(session, study, StudyStatus.PROCESSING, actor=ACTOR, reason=f"job {job_id}")
+            study_id = study.id
+        log.info("job %s: processing study id %s", job_id, study_id)
+        try:
+            outcome = self._process(job_id, study_id)
+        except Exception as exc:
+            log.exception("job %s (study id %s) failed", job_id, study_id)
+            reason = f"{type(exc).__name__}: {exc}"[:2000]
+            self._finish(job_id, study_id, StudyStatus.FAILED, reason, job_error=reason)
+            return JobOutcome(str(StudyStatus.FAILED), reason)
+        return outcome
+
+    def _finish(self, job_id: int, study_id: int, status: StudyStatus, reason: str, job_error: str = "") -> bool:
+        """End the job; the study takes `status` only if nothing new arrived meanwhile."""
+        with self.database.session() as session:
+            job = session.get(Job, job_id)
+            job.status = str(JobStatus.FAILED if status is StudyStatus.FAILED else JobStatus.DONE)
+            job.error = job_error
+            job.finished_at = datetime.now(timezone.utc)
+            study = session.get(Study, study_id)
+            if study.status != StudyStatus.PROCESSING:
+                log.info("study id %s changed to %s while job %s ran; a new job will follow",
+                         study_id, study.status, job_id)
+                return False
+            audit.set_status(session, study, status, actor=ACTOR, reason=reason)
+            return True
+
+    def _process(self, job_id: int, study_id: int) -> JobOutcome:
+        with self.database.session() as session:
+            instances = session.scalars(
+                select(Instance).where(Instance.study_id == study_id).order_by(Instance.id)
+            ).all()
+            study_uid = session.get(Study, study_id).study_instance_uid
+            records = [(i.id, i.sop_instance_uid, i.path) for i in instances]
+
+        selected, refusals = self._select(records)
+        if not selected:
+            reason = "no eligible frontal chest radiograph: " + "; ".join(refusals or ["no instances"])
+            self._finish(job_id, study_id, StudyStatus.SKIPPED, reason)
+            log.info("job %s: study id %s SKIPPED (%d instance(s) ineligible)", job_id, study_id, len(refusals))
+            return JobOutcome(str(StudyStatus.SKIPPED), reason)
+
+        model = self.model
+        card: ModelCard = model.card
+        algorithm = algorithm_info(card)
+        predictions = model.predict([s.display for s in selected], cams=True)
+        image_results = [
+            ImageResult(
+                sop_instance_uid=str(s.dataset.SOPInstanceUID),
+                findings=tuple(
+                    FindingResult(
+                        finding=name,
+                        probability=float(prediction.probabilities[name]),
+                        threshold=float(card.thresholds[name]),
+                        present=float(prediction.probabilities[name]) >= float(card.thresholds[name]),
+                    )
+                    for name in card.labels
+                ),
+            )
+            for s, prediction in zip(selected, predictions)
+        ]
+        objects = build_results(
+            [s.dataset for s in selected],
+            [s.display for s in selected],
+            image_results,
+            [p.cams for p in predictions],
+            algorithm,
+        )
+        written = self._write_results(study_uid, objects, algorithm)
+        priority = compute_priority(f for r in image_results for f in r.findings)
+        positives = sorted({f.finding for r in image_results for f in r.positive})
+        reason = ("positive: " + ", ".join(positives)) if positives else "no finding above its operating threshold"
+        if refusals:
+            reason += f" ({len(refusals)} other instance(s) not analysed: " + "; ".join(refusals) + ")"
+
+        with self.database.session() as session:
+            study = session.get(Study, study_id)
+            session.execute(delete(Finding).where(Finding.study_id == study_id))
+            for result in image_results:
+                for finding in result.findings:
+                    session.add(Finding(
+                        study_id=study_id, sop_instance_uid=result.sop_instance_uid, finding=finding.finding,
+                        probability=finding.probability, threshold=finding.threshold, present=finding.present,
+                    ))
+            for kind, ds, relpath, source_uid, finding in written:
+                row = session.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == str(ds.SOPInstanceUID)))
+                if row is None:
+                    row = ResultObject(sop_instance_uid=str(ds.SOPInstanceUID), study_id=study_id)
+                    session.add(row)
+                row.kind = kind
+                row.series_instance_uid = str(ds.SeriesInstanceUID)
+                row.sop_class_uid = str(ds.SOPClassUID)
+                row.source_sop_instance_uid = source_uid
+                row.finding = finding
+                row.path = relpath
+                row.model_name = algorithm.name
+                row.model_version = algorithm.version
+                row.created_at = datetime.now(timezone.utc)
+                audit.record(session, actor=ACTOR, action=AuditAction.RESULT_STORED, study=study, kind=kind,
+                             sop_instance_uid=str(ds.SOPInstanceUID), model_version=algorithm.version)
+            study.priority = keep_priority(study.priority, priority)
+            study.model_name = algorithm.name
+            study.model_version = algorithm.version
+            study.model_demo = algorithm.demo
+            export_ids = []
+            for destination in self.settings.export_destinations:
+                export = session.scalar(select(Export).where(
+                    Export.study_id == study_id, Export.destination == str(destination)))
+                if export is None:
+                    export = Export(study_id=study_id, destination=str(destination))
+                    session.add(export)
+                export.status = str(ExportStatus.EXPORT_PENDING)
+                export.attempts = 0
+                export.last_error = ""
+                session.flush()
+                audit.record(session, actor=ACTOR, action=AuditAction.EXPORT_STATUS, study=study,
+                             destination=str(destination), status=str(ExportStatus.EXPORT_PENDING))
+                export_ids.append(export.id)
+        done = self._finish(job_id, study_id, StudyStatus.DONE, reason)
+        log.info("job %s: study id %s %s, priority %.1f, %d result object(s), model %s %s", job_id, study_id,
+                 "DONE" if done else "superseded", priority, len(written), algorithm.name, algorithm.version)
+        return JobOutcome(str(StudyStatus.DONE), reason, tuple(export_ids))
+
+    def _select(self, records: Sequence[tuple[int, str, str]]) -> tuple[list[Selected], list[str]]:
+        selected: list[Selected] = []
+        refusals: list[str] = []
+        for instance_id, sop_uid, relpath in records:
+            path = self.settings.instances_dir / relpath
+            reason = ""
+            try:
+                ds = dcmread(path)
+                eligibility = check_eligibility(ds)
+                if eligibility.eligible:
+                    display = display_array(ds)
+                else:
+                    reason = eligibility.reason
+            except PixelRefused as exc:
+                reason = str(exc)
+            except Exception as exc:
+                reason = f"unreadable DICOM: {type(exc).__name__}: {exc}"
+            with self.database.session() as session:
+                instance = session.get(Instance, instance_id)
+                instance.eligible = not reason
+                instance.eligibility_reason = reason
+            if reason:
+                refusals.append(f"{sop_uid}: {reason}")
+                log.info("SOP %s not analysed: %s", sop_uid, reason)
+            else:
+                selected.append(Selected(instance_id, ds, display))
+        return selected, refusals
+
+    def _write_results(self, study_uid: str, objects, algorithm: AlgorithmInfo):
+        written = []
+        sr = objects.sr
+        pairs = [(str(ResultKind.SR), sr, "", "")]
+        for ds, finding in zip(objects.heatmaps, objects.heatmap_findings, strict=True):
+            source = ds.get("SourceImageSequence") or ds.get("ReferencedImageSequence") or []
+            source_uid = str(source[0].ReferencedSOPInstanceUID) if source else ""
+            pairs.append((str(ResultKind.HEATMAP), ds, source_uid, finding))
+        for kind, ds, source_uid, finding in pairs:
+            relpath = result_relpath(study_uid, str(ds.SOPInstanceUID))
+            atomic_write(self.settings.results_dir / relpath, lambda handle, ds=ds: ds.save_as(handle, enforce_file_format=True))
+            written.append((kind, ds, relpath, source_uid, finding))
+        return written
+
+
+def result_paths(settings: Settings, database: Database, study_id: int) -> list[Path]:
+    with database.session() as session:
+        rows = session.scalars(select(ResultObject).where(ResultObject.study_id == study_id).order_by(ResultObject.id)).all()
+        return [settings.results_dir / row.path for row in rows]
