@@ -1,0 +1,152 @@
+"""One study: its detail, its Structured Report and its heatmaps."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+
+from typing import Annotated
+
+from fastapi import APIRouter, HTTPException, Path, status
+
+from triage_core import audit
+from triage_core.states import AuditAction, ExportStatus, ResultKind
+from triage_core.storage import is_valid_uid
+
+from .. import crud
+from ..deps import ActorDep, SessionDep, SettingsDep, StudyDep, StudyInstanceUidDep
+from ..dicom_files import (
+    DICOM_MEDIA_TYPE,
+    MULTIPART_MEDIA_TYPE,
+    DicomResponse,
+    MultipartDicomResponse,
+    read_result_file,
+)
+from ..schemas import (
+    ExportPublic,
+    FindingPublic,
+    ImageFindingsPublic,
+    InstancePublic,
+    JobPublic,
+    ResultObjectPublic,
+    StudyDetailPublic,
+    disclaimer,
+    error_response,
+)
+from .views import export_summary, study_fields
+
+router = APIRouter(prefix="/studies", tags=["studies"])
+
+_NOT_FOUND = {status.HTTP_404_NOT_FOUND: error_response("Unknown study, or no such result object")}
+_DICOM_FILE = {200: {"content": {DICOM_MEDIA_TYPE: {}}, "description": "A DICOM Part 10 file"}}
+
+
+@router.get("/{study_instance_uid}", response_model=StudyDetailPublic, responses=_NOT_FOUND)
+def read_study(session: SessionDep, actor: ActorDep, study_instance_uid: StudyInstanceUidDep) -> StudyDetailPublic:
+    """Everything known about a study: findings per image, instances, result objects, exports, jobs."""
+    study = crud.get_study(session=session, study_instance_uid=study_instance_uid, full=True)
+    if study is None:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study_instance_uid} not found")
+
+    per_image: dict[str, list[FindingPublic]] = defaultdict(list)
+    for finding in study.findings:  # in insertion order: the model's label order
+        per_image[finding.sop_instance_uid].append(FindingPublic.model_validate(finding))
+    counts = crud.ExportCounts(
+        total=len(study.exports),
+        exported=sum(e.status == ExportStatus.EXPORTED for e in study.exports),
+        pending=sum(e.status == ExportStatus.EXPORT_PENDING for e in study.exports),
+        failed=sum(e.status == ExportStatus.EXPORT_FAILED for e in study.exports),
+    )
+    detail = StudyDetailPublic(
+        **study_fields(study),
+        study_description=study.study_description,
+        last_instance_at=study.last_instance_at,
+        images=[ImageFindingsPublic(sop_instance_uid=uid, findings=f) for uid, f in per_image.items()],
+        instances=[InstancePublic.model_validate(i) for i in study.instances],
+        results=[ResultObjectPublic.model_validate(r) for r in study.results],
+        heatmap_sop_instance_uids=[r.sop_instance_uid for r in study.results if r.kind == ResultKind.HEATMAP],
+        export=export_summary(counts),
+        exports=[ExportPublic.model_validate(e) for e in study.exports],
+        jobs=[JobPublic.model_validate(j) for j in study.jobs],
+        disclaimer=disclaimer(demo=study.model_demo),
+    )
+    audit.record(session, actor=actor, action=AuditAction.READ_STUDY, study=study)
+    return detail
+
+
+@router.get(
+    "/{study_instance_uid}/sr",
+    response_class=DicomResponse,
+    responses={**_DICOM_FILE, **_NOT_FOUND},
+)
+def read_sr(session: SessionDep, settings: SettingsDep, actor: ActorDep, study: StudyDep) -> DicomResponse:
+    """The study's TID 1500 Structured Report (the newest, if re-processed) as ``application/dicom``."""
+    reports = crud.get_results(session=session, study=study, kind=ResultKind.SR)
+    if not reports:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study.study_instance_uid} has no structured report")
+    report = reports[0]
+    content = read_result_file(settings.results_dir, report)
+    audit.record(session, actor=actor, action=AuditAction.READ_SR, study=study, sop_instance_uid=report.sop_instance_uid)
+    return DicomResponse(
+        content=content,
+        headers={"Content-Disposition": f'attachment; filename="{report.sop_instance_uid}.dcm"'},
+    )
+
+
+@router.get(
+    "/{study_instance_uid}/heatmaps",
+    response_class=MultipartDicomResponse,
+    responses={
+        200: {"content": {MULTIPART_MEDIA_TYPE: {}}, "description": "All heatmap objects, one DICOM file per part"},
+        **_NOT_FOUND,
+    },
+)
+def read_heatmaps(session: SessionDep, settings: SettingsDep, actor: ActorDep, study: StudyDep) -> MultipartDicomResponse:
+    """All heatmap objects of the study as ``multipart/related; type="application/dicom"`` (DICOMweb style).
+
+    The study detail lists their SOP Instance UIDs for retrieving one at a time.
+    """
+    heatmaps = crud.get_results(session=session, study=study, kind=ResultKind.HEATMAP)
+    if not heatmaps:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study.study_instance_uid} has no heatmaps")
+    heatmaps.sort(key=lambda r: r.id)
+    parts = [read_result_file(settings.results_dir, h) for h in heatmaps]
+    audit.record(
+        session,
+        actor=actor,
+        action=AuditAction.READ_HEATMAPS,
+        study=study,
+        sop_instance_uids=[h.sop_instance_uid for h in heatmaps],
+    )
+    return MultipartDicomResponse(parts)
+
+
+@router.get(
+    "/{study_instance_uid}/heatmaps/{sop_instance_uid}",
+    response_class=DicomResponse,
+    responses={**_DICOM_FILE, **_NOT_FOUND},
+)
+def read_heatmap(
+    session: SessionDep,
+    settings: SettingsDep,
+    actor: ActorDep,
+    study: StudyDep,
+    sop_instance_uid: Annotated[str, Path(description="SOP Instance UID of the heatmap", max_length=200)],
+) -> DicomResponse:
+    """One heatmap object as ``application/dicom``."""
+    if not is_valid_uid(sop_instance_uid):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"{sop_instance_uid!r} is not a valid SOP Instance UID"
+        )
+    found = crud.get_results(session=session, study=study, kind=ResultKind.HEATMAP, sop_instance_uid=sop_instance_uid)
+    if not found:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"heatmap {sop_instance_uid} not found in study {study.study_instance_uid}"
+        )
+    content = read_result_file(settings.results_dir, found[0])
+    audit.record(
+        session, actor=actor, action=AuditAction.READ_HEATMAPS, study=study, sop_instance_uids=[sop_instance_uid]
+    )
+    return DicomResponse(
+        content=content,
+        headers={"Content-Disposition": f'attachment; filename="{sop_instance_uid}.dcm"'},
+    )

@@ -1,0 +1,247 @@
+"""API schemas, layered by purpose: ``...Base`` -> ``...Public``, list wrappers carry ``data`` + ``count``.
+
+Inputs (query parameter models) forbid unknown fields so that a misspelt
+filter is a 422, not a silently ignored parameter. Outputs are built from the
+ORM rows (``from_attributes``) and never expose storage paths.
+"""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator
+
+from triage_core.states import AuditAction, ExportStatus, JobStatus, ResultKind, StudyStatus
+from triage_core.storage import is_valid_uid
+
+NOT_FOR_DIAGNOSTIC_USE = "Not for diagnostic use."
+DEMO_WEIGHTS = "DEMO WEIGHTS, not trained on clinical data."
+
+MAX_WORKLIST_LIMIT = 500
+MAX_AUDIT_LIMIT = 1000
+
+
+def disclaimer(*, demo: bool) -> str:
+    """The text every answer that shows model output carries."""
+    return f"{NOT_FOR_DIAGNOSTIC_USE} {DEMO_WEIGHTS}" if demo else NOT_FOR_DIAGNOSTIC_USE
+
+
+class _Output(BaseModel):
+    model_config = ConfigDict(from_attributes=True)
+
+
+class _Input(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+# --- errors ----------------------------------------------------------------
+
+
+class ErrorPublic(BaseModel):
+    """Every 4xx (and 5xx) answer: a human-readable message."""
+
+    detail: str
+
+
+class ValidationErrorPublic(ErrorPublic):
+    """A 422: the message, plus each problem as ``{loc, msg, type}`` for programs."""
+
+    errors: list[dict[str, Any]] = []
+
+
+def error_response(description: str, model: type[ErrorPublic] = ErrorPublic) -> dict[str, Any]:
+    """An OpenAPI ``responses`` entry for a JSON error, whatever media type the route answers with."""
+    return {"description": description, "content": {"application/json": {"schema": model.model_json_schema()}}}
+
+
+# --- model ------------------------------------------------------------------
+
+
+class ModelInfo(_Output):
+    """Which model produced the results (from its model card)."""
+
+    name: str
+    version: str
+    demo: bool = Field(description="True when the results come from the bundled demo weights")
+
+
+# --- findings ---------------------------------------------------------------
+
+
+class FindingBase(_Output):
+    finding: str
+    probability: float = Field(ge=0.0, le=1.0)
+    threshold: float = Field(ge=0.0, le=1.0, description="Operating point: present when probability >= threshold")
+
+
+class TopFinding(FindingBase):
+    """A present finding on the worklist (highest probability over the study's images)."""
+
+
+class FindingPublic(FindingBase):
+    present: bool
+
+
+class ImageFindingsPublic(_Output):
+    """All scored findings of one source image, in the model's label order."""
+
+    sop_instance_uid: str
+    findings: list[FindingPublic]
+
+
+# --- exports, instances, results, jobs ------------------------------------
+
+
+class ExportSummary(_Output):
+    """Export state over all destinations of a study."""
+
+    status: ExportStatus | None = Field(
+        description="EXPORT_FAILED if any destination failed, else EXPORT_PENDING if any is pending, "
+        "else EXPORTED; null when the study has no exports"
+    )
+    total: int
+    exported: int
+    pending: int
+    failed: int
+
+
+class ExportPublic(_Output):
+    destination: str
+    status: ExportStatus
+    attempts: int
+    last_error: str
+    updated_at: datetime
+
+
+class InstancePublic(_Output):
+    sop_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    modality: str
+    received_at: datetime
+    eligible: bool | None = Field(description="null until the worker has checked the image")
+    eligibility_reason: str
+
+
+class ResultObjectPublic(_Output):
+    kind: ResultKind
+    sop_instance_uid: str
+    series_instance_uid: str
+    sop_class_uid: str
+    source_sop_instance_uid: str
+    finding: str
+    model_name: str
+    model_version: str
+    created_at: datetime
+
+
+class JobPublic(_Output):
+    id: int
+    status: JobStatus
+    created_at: datetime
+    enqueued_at: datetime | None
+    started_at: datetime | None
+    finished_at: datetime | None
+    attempts: int
+    error: str
+
+
+# --- studies ----------------------------------------------------------------
+
+
+class StudyBase(_Output):
+    study_instance_uid: str
+    accession_number: str
+    patient_id: str
+    patient_name: str
+    study_date: str
+    status: StudyStatus
+    status_reason: str = Field(description="Why a study was SKIPPED or FAILED (empty otherwise)")
+    priority: float
+    received_at: datetime
+    updated_at: datetime
+    model: ModelInfo | None = Field(description="null until a model has processed the study")
+
+
+class WorklistItemPublic(StudyBase):
+    top_findings: list[TopFinding] = Field(description="Up to 3 present findings, highest probability first")
+    export: ExportSummary
+
+
+class WorklistPublic(BaseModel):
+    data: list[WorklistItemPublic]
+    count: int = Field(description="Studies matching the filter (before limit/offset)")
+    disclaimer: str
+
+
+class StudyDetailPublic(StudyBase):
+    study_description: str
+    last_instance_at: datetime
+    images: list[ImageFindingsPublic] = Field(description="All findings per source image")
+    instances: list[InstancePublic]
+    results: list[ResultObjectPublic]
+    heatmap_sop_instance_uids: list[str] = Field(
+        description="Retrieve one with GET /studies/{study_instance_uid}/heatmaps/{sop_instance_uid}"
+    )
+    export: ExportSummary
+    exports: list[ExportPublic]
+    jobs: list[JobPublic]
+    disclaimer: str
+
+
+# --- audit -------------------------------------------------------------------
+
+
+class AuditEventPublic(_Output):
+    id: int
+    at: datetime
+    actor: str
+    action: str
+    study_instance_uid: str
+    detail: dict[str, Any]
+
+
+class AuditEventsPublic(BaseModel):
+    data: list[AuditEventPublic]
+    count: int = Field(description="Events matching the filter (before limit/offset)")
+
+
+# --- health ------------------------------------------------------------------
+
+
+class HealthPublic(BaseModel):
+    status: str = Field(description='"ok" or "error"')
+    database: str = Field(description='"ok" or the error text')
+    version: str
+    model: ModelInfo | None = Field(
+        default=None, description="Model of the most recently processed study (null before the first)"
+    )
+
+
+# --- inputs ------------------------------------------------------------------
+
+
+class WorklistQuery(_Input):
+    status: list[StudyStatus] = Field(
+        default_factory=list, description="Only studies in these states (repeat the parameter for several)"
+    )
+    limit: int = Field(100, ge=1, le=MAX_WORKLIST_LIMIT)
+    offset: int = Field(0, ge=0)
+
+
+class AuditQuery(_Input):
+    study_instance_uid: str | None = None
+    action: AuditAction | None = None
+    actor: str | None = Field(None, min_length=1, max_length=128)
+    since: datetime | None = Field(None, description="ISO 8601; without a time zone it is read as UTC")
+    until: datetime | None = Field(None, description="ISO 8601; without a time zone it is read as UTC")
+    limit: int = Field(100, ge=1, le=MAX_AUDIT_LIMIT)
+    offset: int = Field(0, ge=0)
+
+    @field_validator("study_instance_uid")
+    @classmethod
+    def _uid(cls, value: str | None) -> str | None:
+        if value is not None and not is_valid_uid(value):
+            raise ValueError("not a valid DICOM UID")
+        return value
