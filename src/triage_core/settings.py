@@ -14,7 +14,8 @@ from typing import Annotated
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
-_AE_TITLE = re.compile(r"^[\x20-\x7e]{1,16}$")
+#: 1-16 printable ASCII characters, no backslash (the DICOM value separator), not all spaces.
+_AE_TITLE = re.compile(r"^(?! *$)[\x20-\x5b\x5d-\x7e]{1,16}$")
 _DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
 
 
@@ -71,6 +72,8 @@ class Settings(BaseSettings):
     worker_concurrency: int = Field(1, ge=1)
     model_runtime: str = "auto"
     model_threads: int | None = Field(None, ge=1)
+    #: "cpu", "cuda", "cuda:1"...; empty = the first GPU when torch sees one, else the CPU.
+    model_device: str = ""
     export_retries: int = Field(5, ge=0)
     export_backoff_seconds: float = Field(2.0, ge=0)
     max_pdu_size: int = Field(0, ge=0)
@@ -92,6 +95,12 @@ class Settings(BaseSettings):
         if isinstance(items, list):
             return [Destination.parse(item) if isinstance(item, str) else item for item in items]
         return items
+
+    @field_validator("model_path", mode="before")
+    @classmethod
+    def _model_path(cls, value: object) -> object:
+        # An empty variable (docker-compose's "${CXR_TRIAGE_MODEL_PATH:-}") means the default.
+        return None if isinstance(value, str) and not value.strip() else value
 
     @field_validator("ae_title")
     @classmethod

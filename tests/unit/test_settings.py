@@ -1,0 +1,97 @@
+"""Every CXR_TRIAGE_* name of DESIGN.md section 3 is read from the environment and validated."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from pydantic import ValidationError
+
+from triage_core.settings import Destination, Settings
+
+DESIGN_VARIABLES = {
+    "CXR_TRIAGE_DATA_DIR": ("data_dir", "{tmp}/elsewhere"),
+    "CXR_TRIAGE_DATABASE_URL": ("database_url", "postgresql+psycopg2://u@127.0.0.1:5432/x"),
+    "CXR_TRIAGE_BROKER_URL": ("broker_url", "redis://127.0.0.1:6379/3"),
+    "CXR_TRIAGE_AE_TITLE": ("ae_title", "SITE_B"),
+    "CXR_TRIAGE_DICOM_PORT": ("dicom_port", "11113"),
+    "CXR_TRIAGE_ALLOWED_CALLING_AETS": ("allowed_calling_aets", "PACS1, MODALITY2"),
+    "CXR_TRIAGE_EXPORT_DESTINATIONS": ("export_destinations", "PACS@10.0.0.5:104,ARCHIVE@archive.local:11112"),
+    "CXR_TRIAGE_SERIES_QUIET_SECONDS": ("series_quiet_seconds", "2.5"),
+    "CXR_TRIAGE_API_HOST": ("api_host", "0.0.0.0"),
+    "CXR_TRIAGE_API_PORT": ("api_port", "8001"),
+    "CXR_TRIAGE_MODEL_PATH": ("model_path", "{tmp}/model"),
+}
+
+
+@pytest.fixture
+def clean_env(monkeypatch, tmp_path):
+    monkeypatch.chdir(tmp_path)  # no stray .env
+    for name in list(__import__("os").environ):
+        if name.startswith("CXR_TRIAGE_"):
+            monkeypatch.delenv(name)
+    return monkeypatch
+
+
+def test_defaults_are_the_embedded_ones(clean_env, tmp_path):
+    settings = Settings()
+    assert settings.data_dir == (tmp_path / "var").resolve()
+    assert settings.database_url == f"sqlite:///{tmp_path.resolve() / 'var' / 'triage.sqlite'}"
+    assert settings.broker_url.startswith("sqla+sqlite:///") and settings.uses_embedded_broker
+    assert (settings.ae_title, settings.dicom_port, settings.api_host, settings.api_port) == ("CXR_TRIAGE", 11112, "127.0.0.1", 8000)
+    assert settings.allowed_calling_aets == [] and settings.export_destinations == []
+    assert settings.series_quiet_seconds == 5.0 and settings.model_path is None
+
+
+def test_every_design_variable_takes_effect(clean_env, tmp_path):
+    for name, (_, raw) in DESIGN_VARIABLES.items():
+        clean_env.setenv(name, raw.format(tmp=tmp_path))
+    settings = Settings()
+    assert settings.data_dir == tmp_path / "elsewhere"
+    assert settings.database_url == "postgresql+psycopg2://u@127.0.0.1:5432/x"
+    assert settings.broker_url == "redis://127.0.0.1:6379/3" and not settings.uses_embedded_broker
+    assert settings.ae_title == "SITE_B" and settings.dicom_port == 11113
+    assert settings.allowed_calling_aets == ["PACS1", "MODALITY2"]
+    assert settings.export_destinations == [Destination("PACS", "10.0.0.5", 104), Destination("ARCHIVE", "archive.local", 11112)]
+    assert settings.series_quiet_seconds == 2.5
+    assert (settings.api_host, settings.api_port) == ("0.0.0.0", 8001)
+    assert settings.model_path == Path(f"{tmp_path}/model")
+
+
+def test_dot_env_file_is_read(clean_env, tmp_path):
+    (tmp_path / ".env").write_text("CXR_TRIAGE_AE_TITLE=FROM_DOTENV\nCXR_TRIAGE_DICOM_PORT=4242\n")
+    settings = Settings()
+    assert (settings.ae_title, settings.dicom_port) == ("FROM_DOTENV", 4242)
+
+
+def test_empty_model_path_means_the_bundled_model(clean_env):
+    clean_env.setenv("CXR_TRIAGE_MODEL_PATH", "")
+    assert Settings().model_path is None
+
+
+@pytest.mark.parametrize(
+    ("name", "value", "message"),
+    [
+        ("CXR_TRIAGE_EXPORT_DESTINATIONS", "PACS:104", "not AET@host:port"),
+        ("CXR_TRIAGE_EXPORT_DESTINATIONS", "PACS@host:70000", "port out of range"),
+        ("CXR_TRIAGE_AE_TITLE", "A_TITLE_LONGER_THAN_16", "invalid AE title"),
+        ("CXR_TRIAGE_ALLOWED_CALLING_AETS", "OK,BAD\\AET", "invalid AE title"),
+        ("CXR_TRIAGE_DICOM_PORT", "0", "greater than or equal to 1"),
+        ("CXR_TRIAGE_SERIES_QUIET_SECONDS", "-1", "greater than or equal to 0"),
+        ("CXR_TRIAGE_MODEL_RUNTIME", "tensorrt", "auto, torch or onnx"),
+    ],
+)
+def test_bad_values_stop_start_up_with_a_message(clean_env, name, value, message):
+    clean_env.setenv(name, value)
+    with pytest.raises(ValidationError) as error:
+        Settings()
+    assert message in str(error.value)
+
+
+def test_cli_reports_bad_configuration_without_a_traceback(clean_env, capsys):
+    from cxr_triage.cli import main
+
+    clean_env.setenv("CXR_TRIAGE_EXPORT_DESTINATIONS", "nonsense")
+    with pytest.raises(SystemExit) as stop:
+        main(["db", "upgrade"])
+    assert "bad configuration" in str(stop.value) and "AET@host:port" in str(stop.value)
