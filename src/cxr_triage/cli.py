@@ -1,0 +1,116 @@
+"""`cxr-triage`: the command line others script against (DESIGN.md section 3)."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+from pydantic import ValidationError
+
+from triage_core.settings import Settings
+
+from . import runtime
+
+
+def _settings() -> Settings:
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SystemExit(f"cxr-triage: bad configuration:\n{exc}") from None
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="cxr-triage", description="Chest radiograph triage service.")
+    sub = parser.add_subparsers(dest="command", required=True)
+    sub.add_parser("serve", help="node + worker + API on one machine with the embedded defaults")
+    sub.add_parser("node", help="the DICOM SCP and the quiet-period scheduler")
+    sub.add_parser("worker", help="a Celery model worker")
+    sub.add_parser("api", help="the dashboard API")
+    db = sub.add_parser("db", help="database maintenance")
+    db_sub = db.add_subparsers(dest="db_command", required=True)
+    db_sub.add_parser("upgrade", help="apply migrations")
+    demo = sub.add_parser("demo", help="C-STORE the bundled sample studies to a running node and print the worklist")
+    demo.add_argument("--host", default="127.0.0.1")
+    demo.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for results")
+
+    model = sub.add_parser("model", help="model directories: info, import")
+    model_sub = model.add_subparsers(dest="model_command", required=True)
+    info = model_sub.add_parser("info", help="print a model card")
+    info.add_argument("model_dir", type=Path, nargs="?")
+    imp = model_sub.add_parser("import", help="import a CheXNet / torchxrayvision / torchvision checkpoint")
+    imp.add_argument("--from", dest="source", required=True, choices=["chexnet", "torchxrayvision", "torchvision"])
+    imp.add_argument("checkpoint", type=Path)
+    imp.add_argument("out_dir", type=Path)
+    imp.add_argument("--name")
+    imp.add_argument("--version")
+
+    predict = sub.add_parser("predict", help="score DICOM or PNG/JPEG radiographs")
+    predict.add_argument("files", type=Path, nargs="+")
+    predict.add_argument("--model", type=Path, dest="model_dir")
+    predict.add_argument("--heatmaps", type=Path, dest="heatmaps_dir")
+    predict.add_argument("--json", action="store_true", dest="as_json")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    if args.command == "model":
+        return _model(args)
+    if args.command == "predict":
+        return _predict(args)
+    settings = _settings()
+    runtime.configure_logging(settings, args.command)
+    if args.command == "serve":
+        return runtime.run_serve(settings)
+    if args.command == "node":
+        runtime.run_node(settings)
+    elif args.command == "worker":
+        runtime.run_worker(settings)
+    elif args.command == "api":
+        runtime.run_api(settings)
+    elif args.command == "db":
+        runtime.upgrade_database(settings)
+    elif args.command == "demo":
+        from .demo import run_demo
+
+        return run_demo(settings, host=args.host, timeout=args.timeout)
+    return 0
+
+
+def _model(args: argparse.Namespace) -> int:
+    import cxr_model
+    from cxr_model import cli as model_cli
+
+    if args.model_command == "info":
+        print(model_cli.info(args.model_dir or _settings().model_path or cxr_model.bundled_demo_path()))
+        return 0
+    from cxr_model.importers import import_checkpoint
+
+    card = import_checkpoint(args.source, args.checkpoint, args.out_dir, name=args.name, version=args.version)
+    print(f"imported {card.name} {card.version} into {args.out_dir} (weights SHA-256 {card.weights_sha256})")
+    return 0
+
+
+def _predict(args: argparse.Namespace) -> int:
+    """Score files; exit 1 when any file errored (skipped files are an answer, not an error)."""
+    import json
+
+    import cxr_model
+    from cxr_model import cli as model_cli
+
+    from .dicom_input import read_radiograph
+
+    settings = _settings()
+    model_dir = args.model_dir or settings.model_path or cxr_model.bundled_demo_path()
+    model = runtime.load_model_for(settings, model_dir)
+    records = model_cli.predict_records(args.files, model, heatmaps_dir=args.heatmaps_dir, read_image=read_radiograph)
+    if args.as_json:
+        print(json.dumps(records, indent=2))
+    else:
+        print(model_cli.format_records(records, demo=model.card.demo))
+    return 1 if any(record["status"] == "error" for record in records) else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,81 @@
+"""`cxr-triage demo`: send the bundled sample studies to a running node, then print the worklist."""
+
+from __future__ import annotations
+
+import json
+import time
+import urllib.request
+from pathlib import Path
+
+from pydicom import dcmread
+from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pynetdicom import AE
+
+from triage_core.settings import Settings
+
+SAMPLES = Path(__file__).with_name("samples")
+
+
+def send_samples(settings: Settings, host: str) -> list[tuple[str, str]]:
+    files = sorted(SAMPLES.glob("*.dcm"))
+    datasets = [(path, dcmread(path)) for path in files]
+    ae = AE(ae_title="CXR_DEMO")
+    # A context per (class, stored syntax), so compressed samples go as stored (our SCP prefers
+    # uncompressed when one context offers both), plus an uncompressed one per class.
+    for sop_class, syntax in sorted({(str(ds.SOPClassUID), str(ds.file_meta.TransferSyntaxUID)) for _, ds in datasets}):
+        ae.add_requested_context(sop_class, syntax)
+    for sop_class in sorted({str(ds.SOPClassUID) for _, ds in datasets}):
+        ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
+    assoc = ae.associate(host, settings.dicom_port, ae_title=settings.ae_title)
+    if not assoc.is_established:
+        raise SystemExit(f"cannot associate with {settings.ae_title}@{host}:{settings.dicom_port}: is the node running?")
+    sent = []
+    try:
+        for path, ds in datasets:
+            status = assoc.send_c_store(ds)
+            code = getattr(status, "Status", None)
+            sent.append((path.name, f"0x{code:04X}" if code is not None else "no response"))
+    finally:
+        assoc.release()
+    return sent
+
+
+def fetch_worklist(settings: Settings, host: str) -> dict:
+    api_host = host if settings.api_host in ("0.0.0.0", "::") else settings.api_host
+    url = f"http://{api_host}:{settings.api_port}/worklist"
+    request = urllib.request.Request(url, headers={"X-User": "cxr-triage-demo"})
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return json.load(response)
+
+
+def run_demo(settings: Settings, host: str = "127.0.0.1", timeout: float = 180.0) -> int:
+    sent = send_samples(settings, host)
+    for name, status in sent:
+        print(f"C-STORE {name}: {status}")
+    studies = {str(dcmread(SAMPLES / name, stop_before_pixels=True).StudyInstanceUID) for name, _ in sent}
+    deadline = time.monotonic() + timeout
+    settled = {"DONE", "SKIPPED", "FAILED"}
+
+    def pending(worklist: dict) -> set[str]:
+        done = {item["study_instance_uid"] for item in worklist["data"] if item["status"] in settled}
+        return studies - done
+
+    worklist = fetch_worklist(settings, host)
+    while time.monotonic() < deadline and pending(worklist):
+        time.sleep(1)
+        worklist = fetch_worklist(settings, host)
+    print(f"\nWorklist ({worklist['count']} studies, priority order):")
+    for item in worklist["data"]:
+        findings = ", ".join(f"{f['finding']} {f['probability']:.2f}" for f in item.get("top_findings", [])) or "-"
+        model = item.get("model") or {}
+        label = f"{model.get('name', '')} {model.get('version', '')}".strip()
+        if model.get("demo"):
+            label += " (DEMO WEIGHTS)"
+        print(f"  {item['priority']:7.1f}  {item['status']:<10} {item['study_instance_uid']}  "
+              f"acc={item.get('accession_number') or '-'}  {findings}  {item.get('status_reason', '')}  {label}")
+    waiting = pending(worklist)
+    if waiting:
+        print(f"\n{len(waiting)} sample studies not settled after {timeout:.0f}s: is a worker running?")
+    if any(status != "0x0000" for _, status in sent):
+        return 1
+    return 1 if waiting else 0

@@ -1,0 +1,30 @@
+"""Reading a file for `cxr-triage predict`: DICOM through dicom_node's pixel path, else PNG/JPEG."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pydicom
+from pydicom.errors import InvalidDicomError
+
+import cxr_model
+from dicom_node.eligibility import check_eligibility
+from dicom_node.pixels import PixelRefused, display_array
+
+
+def read_radiograph(path: Path) -> np.ndarray:
+    path = Path(path)
+    try:
+        ds = pydicom.dcmread(path, force=path.suffix.lower() in {".dcm", ".dicom", ""})
+        if "PixelData" not in ds and "SOPClassUID" not in ds:
+            raise InvalidDicomError("not DICOM")
+    except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError):
+        return cxr_model.load_image_file(path)
+    eligibility = check_eligibility(ds)
+    if not eligibility.eligible:
+        raise cxr_model.ImageRefused(eligibility.reason)
+    try:
+        return display_array(ds)
+    except PixelRefused as exc:
+        raise cxr_model.ImageRefused(str(exc)) from exc

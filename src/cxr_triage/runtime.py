@@ -1,0 +1,159 @@
+"""Composition roots: each service wires the packages together here and nowhere else."""
+
+from __future__ import annotations
+
+import logging
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+from triage_core.db import Database
+from triage_core.settings import Settings
+
+log = logging.getLogger("cxr_triage")
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+
+
+def configure_logging(settings: Settings, service: str) -> None:
+    logging.basicConfig(
+        level=settings.log_level.upper(),
+        format=f"%(asctime)s %(levelname)s [{service}:%(process)d] %(name)s: %(message)s",
+        force=True,
+    )
+    # pynetdicom logs every PDU at INFO; keep it to warnings unless asked.
+    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+
+
+def upgrade_database(settings: Settings) -> None:
+    from alembic import command
+    from alembic.config import Config
+
+    ini = REPO_ROOT / "alembic.ini"
+    if not ini.exists():
+        raise SystemExit(f"alembic.ini not found at {ini}: run from a checkout of cxr-triage")
+    settings.ensure_dirs()
+    config = Config(str(ini))
+    config.attributes["database_url"] = settings.database_url
+    config.attributes["configure_logging"] = False
+    command.upgrade(config, "head")
+    log.info("database schema is at head (%s)", _safe_url(settings.database_url))
+
+
+def _safe_url(url: str) -> str:
+    from sqlalchemy import make_url
+
+    return make_url(url).render_as_string(hide_password=True)
+
+
+def load_model_for(settings: Settings, path=None):
+    """The model the worker uses: ``path``, else CXR_TRIAGE_MODEL_PATH, else the bundled demo model."""
+    import cxr_model
+
+    path = path or settings.model_path or cxr_model.bundled_demo_path()
+    device = settings.model_device or None
+    if device is None:
+        import torch
+
+        device = "cuda" if torch.cuda.is_available() else None
+    model = cxr_model.load_model(path, runtime=settings.model_runtime, threads=settings.model_threads, device=device)
+    card = model.card
+    log.info("model %s %s loaded from %s (runtime %s, device %s)%s", card.name, card.version, path, model.runtime,
+             device or "cpu",
+             " -- DEMO WEIGHTS, not trained on clinical data" if card.demo else "")
+    return model
+
+
+def _wait_for_signal() -> None:
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    while not stop.is_set():
+        stop.wait(1.0)
+
+
+def run_node(settings: Settings) -> None:
+    from dicom_node.ingest import IngestService
+    from dicom_node.readiness import ReadinessLoop
+    from dicom_node.scp import start_scp
+    from worker.celery_app import enqueuer, make_celery
+
+    settings.ensure_dirs()
+    database = Database(settings.database_url)
+    celery_app = make_celery(settings)
+    ingest = IngestService(settings, database)
+    server = start_scp(settings, ingest)
+    loop = ReadinessLoop(database, settings.series_quiet_seconds, enqueuer(celery_app))
+    loop.start()
+    try:
+        _wait_for_signal()
+    finally:
+        log.info("node stopping")
+        server.shutdown()
+        loop.stop()
+        database.dispose()
+
+
+def run_worker(settings: Settings) -> None:
+    from worker.celery_app import QUEUE, make_celery
+    from worker.tasks import register_tasks
+
+    settings.ensure_dirs()
+    database = Database(settings.database_url)
+    app = make_celery(settings)
+    register_tasks(app, settings, database, lambda: load_model_for(settings))
+    pool = "solo" if settings.worker_concurrency == 1 else "prefork"
+    app.worker_main([
+        "worker", f"--loglevel={settings.log_level}", f"--pool={pool}",
+        f"--concurrency={settings.worker_concurrency}", "-Q", QUEUE,
+        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        f"--hostname=cxr-triage@{os.uname().nodename}-{os.getpid()}",
+    ])
+
+
+def run_api(settings: Settings) -> None:
+    import uvicorn
+
+    from dashboard_api.app import create_app
+
+    settings.ensure_dirs()
+    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info")
+
+
+def run_serve(settings: Settings) -> int:
+    """Node + worker + API as three processes; Ctrl-C or SIGTERM stops all of them."""
+    upgrade_database(settings)
+    executable = [sys.executable, "-m", "cxr_triage.cli"]
+    children: dict[str, subprocess.Popen] = {}
+    for service in ("node", "worker", "api"):
+        children[service] = subprocess.Popen(executable + [service], start_new_session=True)
+    log.info("serving: DICOM %s on port %s, API http://%s:%s, worker pid %s", settings.ae_title,
+             settings.dicom_port, settings.api_host, settings.api_port, children["worker"].pid)
+    stop = threading.Event()
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: stop.set())
+    exit_code = 0
+    while not stop.is_set():
+        for name, child in children.items():
+            if child.poll() is not None:
+                log.error("%s exited with %s; stopping the others", name, child.returncode)
+                exit_code = child.returncode or 1
+                stop.set()
+        stop.wait(0.5)
+    for child in children.values():
+        if child.poll() is None:
+            child.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + 20
+    for name, child in children.items():
+        try:
+            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+        except subprocess.TimeoutExpired:
+            log.warning("%s did not stop in time; killing it", name)
+            child.kill()
+            child.wait()
+    log.info("stopped")
+    return exit_code

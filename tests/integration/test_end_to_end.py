@@ -1,0 +1,223 @@
+"""The whole path: storescu -> our node -> Celery worker -> SR + heatmaps -> Orthanc, and the worklist.
+
+Real processes and real peers: `cxr-triage serve` (node, worker, API), dcmtk's storescu,
+Orthanc as the hospital PACS, dciodvfy on what we wrote; once on the embedded defaults
+(SQLite + kombu's SQLAlchemy transport) and once on PostgreSQL + Redis.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from tests.conftest import DATA, free_port, http_json, need, storescu, wait_until
+
+pytestmark = pytest.mark.e2e
+
+CHEST = DATA / "cxr_dicom" / "cr_chest_pa_mono1_10bit_explicit_le.dcm"
+NOT_CHEST = DATA / "not_cxr_dicom" / "bad_header_modality_ct.dcm"
+SETTLED = {"DONE", "SKIPPED", "FAILED"}
+
+
+class TriageService:
+    """`cxr-triage serve` in a subprocess with its own data dir and ports."""
+
+    def __init__(self, workdir: Path, extra_env: dict[str, str]) -> None:
+        self.workdir = workdir
+        self.dicom_port = free_port()
+        self.api_port = free_port()
+        self.env = {
+            **os.environ,
+            "CXR_TRIAGE_DATA_DIR": str(workdir / "var"),
+            "CXR_TRIAGE_DICOM_PORT": str(self.dicom_port),
+            "CXR_TRIAGE_DICOM_HOST": "127.0.0.1",
+            "CXR_TRIAGE_API_PORT": str(self.api_port),
+            "CXR_TRIAGE_API_HOST": "127.0.0.1",
+            "CXR_TRIAGE_AE_TITLE": "CXR_TEST",
+            "CXR_TRIAGE_SERIES_QUIET_SECONDS": "1",
+            "CXR_TRIAGE_EXPORT_BACKOFF_SECONDS": "0.5",
+            **extra_env,
+        }
+        self.process: subprocess.Popen | None = None
+
+    @property
+    def api(self) -> str:
+        return f"http://127.0.0.1:{self.api_port}"
+
+    def start(self) -> "TriageService":
+        self.log_path = self.workdir / "serve.log"
+        self.log = open(self.log_path, "wb")
+        self.process = subprocess.Popen(
+            [sys.executable, "-m", "cxr_triage.cli", "serve"], env=self.env, cwd=self.workdir,
+            stdout=self.log, stderr=subprocess.STDOUT,
+        )
+        wait_until(lambda: self.process.poll() is None and http_json(f"{self.api}/health")["status"] == "ok",
+                   90, what="the API to answer /health")
+        wait_until(lambda: self.echo(), 30, what="the DICOM node to answer C-ECHO")
+        return self
+
+    def echo(self) -> bool:
+        result = subprocess.run(["echoscu", "-aec", "CXR_TEST", "127.0.0.1", str(self.dicom_port)],
+                                capture_output=True, timeout=20)
+        return result.returncode == 0
+
+    def send(self, *files: Path) -> subprocess.CompletedProcess:
+        return storescu(self.dicom_port, "CXR_TEST", *files, calling_aet="MODALITY1")
+
+    def worklist(self) -> dict:
+        return http_json(f"{self.api}/worklist", headers={"X-User": "e2e-test"})
+
+    def study(self, study_instance_uid: str) -> dict:
+        return http_json(f"{self.api}/studies/{study_instance_uid}", headers={"X-User": "e2e-test"})
+
+    def wait_settled(self, study_instance_uid: str, timeout: float = 240) -> dict:
+        def settled():
+            items = [i for i in self.worklist()["data"] if i["study_instance_uid"] == study_instance_uid]
+            return items[0] if items and items[0]["status"] in SETTLED else None
+
+        return wait_until(settled, timeout, what=f"study {study_instance_uid} to settle")
+
+    def log_text(self) -> str:
+        if not self.log.closed:
+            self.log.flush()
+        return self.log_path.read_text(errors="replace")
+
+    def stop(self) -> int:
+        if self.process and self.process.poll() is None:
+            self.process.send_signal(signal.SIGINT)
+            try:
+                self.process.wait(timeout=40)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+        return self.process.returncode
+
+
+@pytest.fixture(params=["embedded", "postgresql+redis"])
+def service(request, tmp_path, orthanc):
+    need(shutil.which("storescu") is not None, "dcmtk is not installed (apt-get install dcmtk)")
+    env = {"CXR_TRIAGE_EXPORT_DESTINATIONS": f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}"}
+    if request.param == "postgresql+redis":
+        env["CXR_TRIAGE_DATABASE_URL"] = request.getfixturevalue("postgres_url")
+        env["CXR_TRIAGE_BROKER_URL"] = request.getfixturevalue("redis_url")
+    svc = TriageService(tmp_path, env).start()
+    yield svc
+    returncode = svc.stop()
+    assert returncode == 0, f"serve did not stop cleanly ({returncode}):\n{svc.log_text()[-4000:]}"
+
+
+def _uid(path: Path, keyword: str) -> str:
+    import pydicom
+
+    return str(pydicom.dcmread(path, stop_before_pixels=True, force=True).get(keyword))
+
+
+def test_chest_radiograph_comes_back_to_pacs_as_sr_and_heatmaps(service, orthanc, tmp_path):
+    study_uid = _uid(CHEST, "StudyInstanceUID")
+    started = time.monotonic()
+    sent = service.send(CHEST)
+    assert sent.returncode == 0, sent.stderr
+
+    item = service.wait_settled(study_uid)
+    assert item["status"] == "DONE", (item, service.log_text()[-4000:])
+    assert item["model"]["name"] and item["model"]["version"]
+    assert item["model"]["demo"] is True
+
+    detail = service.study(study_uid)
+    probabilities = {f["finding"]: f["probability"] for f in detail["images"][0]["findings"]}
+    assert len(probabilities) == 14
+    assert all(0.0 <= p <= 1.0 for p in probabilities.values())
+
+    # Orthanc (the PACS) holds the source study's SR and heatmap series once export is done.
+    def exported():
+        exports = service.study(study_uid)["exports"]
+        return exports and all(e["status"] == "EXPORTED" for e in exports) and exports
+
+    wait_until(exported, 120, what="export to Orthanc")
+    latency = time.monotonic() - started
+    print(f"\nend-to-end (C-STORE sent -> results in Orthanc): {latency:.1f}s incl. the 1 s quiet period")
+    found = orthanc_post_find(orthanc, study_uid)
+    assert len(found) == 1, "Orthanc should hold exactly the one study"
+    series = [orthanc.get(f"/series/{s}") for s in orthanc.get(f"/studies/{found[0]}")["Series"]]
+    modalities = sorted(s["MainDicomTags"].get("Modality", "") for s in series)
+    assert "SR" in modalities, modalities
+    heatmap_series = [s for s in series if s["MainDicomTags"].get("Modality") not in ("SR", "CR", "DX")]
+    assert heatmap_series, f"no heatmap series in Orthanc: {modalities}"
+
+    # What we wrote validates: dciodvfy reports no errors on the SR.
+    sr_path = tmp_path / "sr.dcm"
+    sr_path.write_bytes(_get_bytes(f"{service.api}/studies/{study_uid}/sr"))
+    need(shutil.which("dciodvfy") is not None, "dicom3tools is not installed")
+    check = subprocess.run(["dciodvfy", str(sr_path)], capture_output=True, text=True, timeout=60)
+    errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
+    assert not errors, "\n".join(errors)
+
+
+def test_non_chest_input_is_skipped_with_reason_and_no_sr(service):
+    study_uid = _uid(NOT_CHEST, "StudyInstanceUID")
+    assert service.send(NOT_CHEST).returncode == 0
+    item = service.wait_settled(study_uid)
+    assert item["status"] == "SKIPPED"
+    assert "CT" in item["status_reason"], item["status_reason"]
+    detail = service.study(study_uid)
+    assert detail["results"] == []
+    with pytest.raises(Exception) as missing:
+        _get_bytes(f"{service.api}/studies/{study_uid}/sr")
+    assert "404" in str(missing.value)
+
+
+def test_same_instance_twice_is_one_study_one_job_one_sr(service, orthanc):
+    study_uid = _uid(CHEST, "StudyInstanceUID")
+    assert service.send(CHEST).returncode == 0
+    assert service.send(CHEST).returncode == 0
+    service.wait_settled(study_uid)
+    assert service.send(CHEST).returncode == 0  # again after DONE: still a duplicate
+    time.sleep(3)
+    items = [i for i in service.worklist()["data"] if i["study_instance_uid"] == study_uid]
+    assert len(items) == 1
+    detail = service.study(study_uid)
+    assert len(detail["jobs"]) == 1, detail["jobs"]
+    assert len([r for r in detail["results"] if r["kind"] == "SR"]) == 1
+    # ...and the PACS got one SR, not one per C-STORE.
+    wait_until(lambda: all(e["status"] == "EXPORTED" for e in service.study(study_uid)["exports"]), 120,
+               what="export to Orthanc")
+    found = orthanc_post_find(orthanc, study_uid)
+    series = [orthanc.get(f"/series/{s}") for s in orthanc.get(f"/studies/{found[0]}")["Series"]]
+    sr_series = [s for s in series if s["MainDicomTags"].get("Modality") == "SR"]
+    assert len(sr_series) == 1 and len(sr_series[0]["Instances"]) == 1, sr_series
+
+
+def orthanc_post_find(orthanc, study_uid: str) -> list[str]:
+    import json
+    import urllib.request
+
+    request = urllib.request.Request(
+        f"{orthanc.url}/tools/lookup", data=study_uid.encode(), method="POST")
+    with urllib.request.urlopen(request, timeout=10) as response:
+        return [hit["ID"] for hit in json.load(response) if hit["Type"] == "Study"]
+
+
+def _get_bytes(url: str) -> bytes:
+    import urllib.request
+
+    request = urllib.request.Request(url, headers={"X-User": "e2e-test"})
+    with urllib.request.urlopen(request, timeout=20) as response:
+        return response.read()
+
+
+def test_demo_sends_the_bundled_samples_and_prints_the_worklist(service):
+    result = subprocess.run([sys.executable, "-m", "cxr_triage.cli", "demo", "--timeout", "120"], env=service.env,
+                            cwd=service.workdir, capture_output=True, text=True, timeout=180)
+    assert result.returncode == 0, result.stdout + result.stderr + service.log_text()[-3000:]
+    assert result.stdout.count("C-STORE ") == 3 and result.stdout.count(": 0x0000") == 3, result.stdout
+    lines = [line for line in result.stdout.splitlines() if line.startswith("  ")]
+    assert sorted(line.split()[1] for line in lines) == ["DONE", "DONE", "SKIPPED"], result.stdout
+    assert all("DEMO WEIGHTS" in line for line in lines if " DONE " in line), result.stdout
