@@ -1,0 +1,173 @@
+"""The worker's pipeline without Celery: real files, real SQLite, the bundled model, a real Orthanc."""
+
+from __future__ import annotations
+
+from datetime import datetime, timedelta, timezone
+
+import pydicom
+import pytest
+from sqlalchemy import func, select
+
+from cxr_triage.runtime import load_model_for
+from dicom_node.ingest import IngestService
+from dicom_node.readiness import mark_quiet_studies_ready
+from tests.conftest import DATA, free_port
+from triage_core.db import Database
+from triage_core.models import AuditEvent, Base, Export, Finding, Job, ResultObject, Study
+from triage_core.priority import compute_priority
+from triage_core.settings import Settings
+from triage_core.values import FindingResult
+from worker.export import export_once
+from worker.pipeline import Pipeline
+
+CHEST = DATA / "cxr_dicom" / "cr_chest_pa_mono1_10bit_explicit_le.dcm"
+CHEST_J2K = DATA / "cxr_dicom" / "cr_chest_pa_mono1_15bit_j2k_lossy.dcm"
+DOG_LATERAL = DATA / "not_cxr_dicom" / "dx_dog_thorax_lateral.dcm"
+
+_MODEL = {}
+
+
+def _model(settings):
+    if "model" not in _MODEL:  # one load for the module: the bundled demo weights, eager PyTorch
+        _MODEL["model"] = load_model_for(settings)
+    return _MODEL["model"]
+
+
+@pytest.fixture
+def env(tmp_path):
+    dead_port = free_port()  # nothing listens there
+    settings = Settings(data_dir=tmp_path / "var", model_runtime="torch", model_threads=1,
+                        export_destinations=f"NOBODY@127.0.0.1:{dead_port}")
+    settings.ensure_dirs()
+    database = Database(settings.database_url)
+    Base.metadata.create_all(database.engine)
+    yield settings, database, IngestService(settings, database), Pipeline(settings, database, lambda: _model(settings))
+    database.dispose()
+
+
+def _receive(ingest: IngestService, *paths) -> None:
+    for path in paths:
+        ds = pydicom.dcmread(path)
+        outcome = ingest.store(ds, path.read_bytes(), calling_ae_title="TEST",
+                               transfer_syntax_uid=str(ds.file_meta.TransferSyntaxUID))
+        assert outcome.status == 0x0000, outcome
+
+
+def _ready_job(database: Database) -> int:
+    (job_id,) = mark_quiet_studies_ready(database, 0, now=datetime.now(timezone.utc) + timedelta(seconds=1))
+    return job_id
+
+
+def test_chest_study_is_scored_stored_and_queued_for_export(env):
+    settings, database, ingest, pipeline = env
+    _receive(ingest, CHEST)
+    outcome = pipeline.run_job(_ready_job(database))
+    assert outcome.status == "DONE", outcome
+    with database.session() as session:
+        study = session.scalar(select(Study))
+        assert study.status == "DONE" and study.status_reason
+        assert study.model_name == "cxr-triage-demo-densenet121" and study.model_version
+        findings = session.scalars(select(Finding)).all()
+        assert len(findings) == 14 and all(0 <= f.probability <= 1 for f in findings)
+        expected = compute_priority(FindingResult(f.finding, f.probability, f.threshold, f.present) for f in findings)
+        assert study.priority == pytest.approx(expected) and study.priority > 0  # the demo model flags findings
+        rows = session.scalars(select(ResultObject)).all()
+        kinds = sorted(r.kind for r in rows)
+        assert kinds.count("SR") == 1 and "HEATMAP" in kinds
+        for row in rows:
+            ds = pydicom.dcmread(settings.results_dir / row.path)
+            assert ds.StudyInstanceUID == study.study_instance_uid
+            assert ds.SOPInstanceUID == row.sop_instance_uid
+        heatmap_findings = {r.finding for r in rows if r.kind == "HEATMAP"}
+        assert heatmap_findings <= {f.finding for f in findings}
+        exports = session.scalars(select(Export)).all()
+        assert [(e.destination, e.status) for e in exports] == [(str(settings.export_destinations[0]), "EXPORT_PENDING")]
+        assert sorted(outcome.export_ids) == [e.id for e in exports]
+        actions = session.scalars(select(AuditEvent.action)).all()
+        assert "RESULT_STORED" in actions
+
+
+def test_running_the_same_job_again_changes_nothing(env):
+    settings, database, ingest, pipeline = env
+    _receive(ingest, CHEST)
+    job_id = _ready_job(database)
+    pipeline.run_job(job_id)
+    with database.session() as session:
+        before = session.scalar(select(func.count()).select_from(ResultObject))
+    assert pipeline.run_job(job_id).status == "DONE"  # a redelivered message
+    with database.session() as session:
+        assert session.scalar(select(func.count()).select_from(ResultObject)) == before
+        assert session.scalar(select(func.count()).select_from(Job)) == 1
+
+
+def test_lateral_and_non_chest_are_skipped_with_reason(env):
+    _, database, ingest, pipeline = env
+    _receive(ingest, DOG_LATERAL)
+    outcome = pipeline.run_job(_ready_job(database))
+    assert outcome.status == "SKIPPED"
+    with database.session() as session:
+        study = session.scalar(select(Study))
+        assert study.status == "SKIPPED" and "lateral" in study.status_reason.lower(), study.status_reason
+        assert session.scalar(select(func.count()).select_from(ResultObject)) == 0
+        assert session.scalar(select(func.count()).select_from(Export)) == 0
+
+
+def test_an_exception_ends_failed_with_its_reason(env):
+    settings, database, ingest, pipeline = env
+    _receive(ingest, CHEST)
+    settings.results_dir.rmdir()
+    settings.results_dir.write_text("not a directory")  # result storage is broken
+    outcome = pipeline.run_job(_ready_job(database))
+    assert outcome.status == "FAILED"
+    with database.session() as session:
+        study = session.scalar(select(Study))
+        job = session.scalar(select(Job))
+        assert study.status == "FAILED" and "Error" in study.status_reason, study.status_reason
+        assert job.status == "FAILED" and job.error == study.status_reason
+
+
+def test_new_instance_during_processing_leaves_the_study_to_the_next_job(env, tmp_path):
+    _, database, ingest, pipeline = env
+    _receive(ingest, CHEST)
+    first = _ready_job(database)
+    with database.session() as session:  # the job is picked up...
+        session.scalar(select(Study)).status = "PROCESSING"
+    second = pydicom.dcmread(CHEST)  # ...and a second image of the same study arrives
+    second.SOPInstanceUID = pydicom.uid.generate_uid()
+    second.file_meta.MediaStorageSOPInstanceUID = second.SOPInstanceUID
+    second.save_as(tmp_path / "second.dcm", enforce_file_format=True)
+    _receive(ingest, tmp_path / "second.dcm")
+    with database.session() as session:
+        assert session.scalar(select(Study)).status == "RECEIVING"
+    assert pipeline.run_job(first).status == "SUPERSEDED"
+    assert pipeline.run_job(_ready_job(database)).status == "DONE"
+    with database.session() as session:
+        analysed = set(session.scalars(select(Finding.sop_instance_uid)))
+    assert len(analysed) == 2
+
+
+def test_export_to_an_unreachable_destination_is_retried_then_failed(env):
+    settings, database, ingest, pipeline = env
+    _receive(ingest, CHEST)
+    (export_id,) = pipeline.run_job(_ready_job(database)).export_ids
+    from dicom_node.scu import ExportError
+
+    with pytest.raises(ExportError):
+        export_once(settings, database, export_id, final_attempt=False)
+    assert export_once(settings, database, export_id, final_attempt=True) == "EXPORT_FAILED"
+    with database.session() as session:
+        export = session.get(Export, export_id)
+        assert export.attempts == 2 and "not established" in export.last_error
+
+
+def test_export_to_orthanc_stores_every_result_object(env, orthanc):
+    settings, database, ingest, pipeline = env
+    _receive(ingest, CHEST)
+    pipeline.run_job(_ready_job(database))
+    with database.session() as session:
+        export = session.scalar(select(Export))
+        export.destination = f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}"
+        uids = set(session.scalars(select(ResultObject.sop_instance_uid)))
+    assert export_once(settings, database, export.id, final_attempt=False) == "EXPORTED"
+    stored = {orthanc.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.get("/instances")}
+    assert uids <= stored
