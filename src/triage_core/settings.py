@@ -74,6 +74,8 @@ class Settings(BaseSettings):
     model_threads: int | None = Field(None, ge=1)
     #: "cpu", "cuda", "cuda:1"...; empty = the first GPU when torch sees one, else the CPU.
     model_device: str = ""
+    #: Also write a Parametric Map of the raw CAM beside each heatmap Secondary Capture.
+    parametric_map: bool = True
     export_retries: int = Field(5, ge=0)
     export_backoff_seconds: float = Field(2.0, ge=0)
     max_pdu_size: int = Field(0, ge=0)

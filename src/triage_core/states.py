@@ -34,6 +34,7 @@ class JobStatus(StrEnum):
 class ResultKind(StrEnum):
     SR = "SR"
     HEATMAP = "HEATMAP"
+    PARAMETRIC_MAP = "PARAMETRIC_MAP"
 
 
 class AuditAction(StrEnum):
