@@ -22,7 +22,9 @@ def make_engine(database_url: str) -> Engine:
             cursor = dbapi_connection.cursor()
             # WAL lets the node, the worker and the API read and write at once.
             cursor.execute("PRAGMA journal_mode=WAL")
-            cursor.execute("PRAGMA synchronous=NORMAL")
+            # FULL: a committed row survives power loss (NORMAL may roll back the last commits),
+            # because the node answers 0x0000 only after the commit.
+            cursor.execute("PRAGMA synchronous=FULL")
             cursor.execute("PRAGMA foreign_keys=ON")
             cursor.execute("PRAGMA busy_timeout=30000")
             cursor.close()
