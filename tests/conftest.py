@@ -192,3 +192,15 @@ def redis_url():
     db.flushdb()
     yield url
     db.flushdb()
+
+
+@pytest.fixture(scope="module")
+def one_torch_thread():
+    """One PyTorch intra-op thread for a module: the small test models gain nothing from two and lose badly
+    when the cores are shared (the model processes of the service run one thread each for the same reason)."""
+    import torch
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal, Protocol
@@ -12,7 +12,7 @@ from typing import Literal, Protocol
 import numpy as np
 import torch
 
-from .cam import cams_for_image, raw_cams
+from .cam import CamMaps, raw_cams
 from .card import ModelCard, load_card
 from .errors import ModelError
 from .network import CLASSIFIER_WEIGHT, load_network
@@ -31,12 +31,15 @@ class Prediction:
     ``probabilities`` are calibrated, in the card's label order;
     ``positive`` lists the labels at or above the card's operating threshold;
     ``cams`` maps every label to a float32 (H, W) map in [0, 1] on the input
-    image's own pixel grid (None when CAMs were not requested).
+    image's own pixel grid (None when CAMs were not requested).  It is a
+    :class:`~cxr_model.cam.CamMaps`: all maps come from the one forward pass,
+    each is brought to full resolution when first read; ``cams.stack()``
+    gives all of them as one (C, H, W) array.
     """
 
     probabilities: dict[str, float]
     positive: tuple[str, ...]
-    cams: dict[str, np.ndarray] | None = None
+    cams: Mapping[str, np.ndarray] | None = None
 
     def __post_init__(self) -> None:
         for k, p in self.probabilities.items():
@@ -100,15 +103,12 @@ class Model:
             batch = np.stack([x for x, _ in prepared])
             logits, feats = self.backend.forward(batch)
             probs = self.probabilities(logits)
-            maps = raw_cams(torch.from_numpy(feats), self._weight) if cams else None
+            maps = raw_cams(torch.from_numpy(feats), self._weight) if cams else None  # all labels, one matmul
             for i, (_, geo) in enumerate(prepared):
                 p = {label: float(probs[i, j]) for j, label in enumerate(self.card.labels)}
                 positive = tuple(label for j, label in enumerate(self.card.labels) if probs[i, j] >= self._threshold[j])
-                cam_dict = None
-                if maps is not None:
-                    arr = cams_for_image(maps[i], geo)
-                    cam_dict = {label: arr[j] for j, label in enumerate(self.card.labels)}
-                out.append(Prediction(probabilities=p, positive=positive, cams=cam_dict))
+                cam_maps = CamMaps(self.card.labels, maps[i], geo) if maps is not None else None
+                out.append(Prediction(probabilities=p, positive=positive, cams=cam_maps))
         return out
 
 
@@ -134,7 +134,12 @@ def load_model(
     - ``"auto"``: ONNX Runtime when that check passes (it is the faster CPU
       path), else PyTorch with a logged warning; PyTorch when ``device`` is a GPU.
 
-    ``threads`` sets ONNX Runtime's intra-op threads, or PyTorch's (process-wide).
+    ``threads`` sets ONNX Runtime's intra-op threads (default: ONNX Runtime's
+    own, one per physical core) and PyTorch's threads, which run the network
+    for ``"torch"`` and the preprocessing and CAM mapping for every back-end.
+    PyTorch's setting is process-wide; give ``threads`` when several model
+    processes share the machine (e.g. ``threads=1`` per process with one
+    process per core), else each would start one thread per core.
     """
     if runtime not in ("auto", "torch", "onnx"):
         raise ModelError(f"runtime must be 'auto', 'torch' or 'onnx', got {runtime!r}")
@@ -155,7 +160,7 @@ def load_model(
             if runtime == "onnx":
                 raise ModelError(f"ONNX runtime unavailable for {card.name} {card.version}: {exc}") from exc
             log.warning("ONNX runtime unavailable for %s %s, using PyTorch: %s", card.name, card.version, exc)
-    if backend is torch_rt and threads is not None:
+    if threads is not None:
         torch.set_num_threads(int(threads))  # process-wide: PyTorch has no per-module setting
     if card.demo:
         log.warning("model %s %s carries DEMO WEIGHTS: its outputs are meaningless, not for diagnostic use",

@@ -69,11 +69,23 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
+def _fit(arr: np.ndarray) -> np.ndarray:
+    """A float (H, W) array shrunk (Lanczos) so that its longer side is at most MAX_SIDE."""
+    if max(arr.shape) <= MAX_SIDE:
+        return arr
+    img = Image.fromarray(np.ascontiguousarray(arr, dtype=np.float32))  # mode "F"
+    img.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+    return np.asarray(img, dtype=np.float32)
+
+
 def render_overlay(image: np.ndarray, cam: np.ndarray, legend: Sequence[str]) -> Image.Image:
-    """The overlay with a colour bar and the legend lines in a black band below it (not over the anatomy)."""
-    rgb = Image.fromarray(blend(image, cam))
-    if max(rgb.size) > MAX_SIDE:
-        rgb.thumbnail((MAX_SIDE, MAX_SIDE), Image.Resampling.LANCZOS)
+    """The overlay with a colour bar and the legend lines in a black band below it (not over the anatomy).
+
+    Radiographs larger than MAX_SIDE are shrunk before blending (image and map alike), not after.
+    """
+    if image.shape != cam.shape:
+        raise ValueError(f"image {image.shape} and CAM {cam.shape} differ in shape")
+    rgb = Image.fromarray(blend(np.clip(_fit(image), 0, 1), np.clip(_fit(cam), 0, 1)))
     w, h = rgb.size
     font_size = max(12, w // 48)
     font = _font(font_size)

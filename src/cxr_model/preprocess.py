@@ -119,3 +119,38 @@ def to_image_grid(maps: torch.Tensor, geo: Geometry) -> torch.Tensor:
     (top, left), (rh, rw) = geo.offset, geo.resized_shape
     m = m[..., top : top + rh, left : left + rw]
     return _resize(m, geo.image_shape)[0]
+
+
+def _resize_rows(signals: torch.Tensor, n_out: int, antialias: bool) -> torch.Tensor:
+    """Resize each row of an (N, n_in) tensor to length ``n_out`` with the 1-D form of :func:`_resize`.
+
+    Same call (bilinear, same antialias flag) along the last axis, the other
+    axis of length 1 so that it is left as is.  (Not along the height axis
+    with a width of 1: torch 2.13's antialiased kernel gives wrong weights for
+    that layout.)
+    """
+    if signals.shape[-1] == n_out:
+        return signals
+    out = F.interpolate(signals[None, :, None, :], size=(1, n_out), mode="bilinear", align_corners=False,
+                        antialias=antialias)
+    return out[0, :, 0, :]
+
+
+def image_grid_matrices(map_shape: tuple[int, int], geo: Geometry) -> tuple[torch.Tensor, torch.Tensor]:
+    """(R_y, R_x) with ``to_image_grid(m, geo)[i] == R_y @ m[i] @ R_x.T`` for (h, w) = ``map_shape`` maps.
+
+    Resizing is separable, so the three steps of :func:`to_image_grid` (to the
+    input square, crop the padding, to the image shape) compose into one
+    (H, h) and one (W, w) matrix, built by sending the h (or w) unit impulses
+    through the same three steps.  Applying them costs O(H W w) for a map
+    instead of two image-sized interpolations.
+    """
+    h, w = (int(map_shape[0]), int(map_shape[1]))
+    s = geo.input_size
+    (top, left), (rh, rw) = geo.offset, geo.resized_shape
+    big_h, big_w = geo.image_shape
+    shrink1 = s < h or s < w  # the flags _resize computes for the 2-D calls
+    shrink2 = big_h < rh or big_w < rw
+    ry = _resize_rows(_resize_rows(torch.eye(h), s, shrink1)[:, top : top + rh], big_h, shrink2)
+    rx = _resize_rows(_resize_rows(torch.eye(w), s, shrink1)[:, left : left + rw], big_w, shrink2)
+    return ry.T.contiguous(), rx.T.contiguous()

@@ -9,12 +9,16 @@ import torch.nn.functional as F
 from monai.visualize import GradCAM
 
 from cxr_model import FINDINGS, ModelCard
+from cxr_model.cam import CamMaps, raw_cams
 from cxr_model.model import Model
 from cxr_model.network import build_network
-from cxr_model.preprocess import preprocess
+from cxr_model.preprocess import geometry_for, image_grid_matrices, preprocess, to_image_grid
 from cxr_model.runtime import TorchRuntime
 
 SIZE = 128  # DenseNet121 -> 4x4 feature map
+
+
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
 
 def make_card(size=SIZE, normalization="imagenet"):
@@ -108,3 +112,46 @@ def test_cam_lies_on_the_injected_pattern_of_a_non_square_image():
     # evidence for the negative channel is where the image is dark, never on the patch
     neg = pred.cams["Pneumothorax"]
     assert neg[40:45, 75:85].max() < 0.5 and neg[:, :40].mean() > 0.8
+
+
+@pytest.mark.parametrize(
+    ("image_shape", "size", "map_side"),
+    [((2048, 1700), 224, 7), ((90, 150), 128, 4), ((10, 20), 64, 2), ((64, 64), 64, 2), ((300, 40), 96, 3)],
+)
+def test_separable_mapping_equals_resizing_the_maps(image_shape, size, map_side):
+    """R_y @ m @ R_x.T is the same linear map as interpolate -> crop -> interpolate, antialiased shrink included."""
+    geo = geometry_for(image_shape, size)
+    maps = torch.rand(3, map_side, map_side, generator=torch.Generator().manual_seed(4))
+    ry, rx = image_grid_matrices((map_side, map_side), geo)
+    assert ry.shape == (image_shape[0], map_side) and rx.shape == (image_shape[1], map_side)
+    np.testing.assert_allclose((ry @ maps @ rx.T).numpy(), to_image_grid(maps, geo).numpy(), atol=1e-6)
+    cams = CamMaps(["a", "b", "c"], maps, geo)
+    for i, label in enumerate(cams):
+        np.testing.assert_allclose(cams[label], max_normalise(to_image_grid(maps, geo)[i].numpy()), atol=1e-6)
+
+
+def test_cam_maps_are_mapped_when_read_and_stack_in_label_order():
+    geo = geometry_for((300, 200), 64)
+    raw = torch.rand(len(FINDINGS), 2, 2, generator=torch.Generator().manual_seed(5))
+    raw[FINDINGS.index("Hernia")] = 0.0
+    cams = CamMaps(FINDINGS, raw, geo)
+    assert len(cams) == len(FINDINGS) and list(cams) == list(FINDINGS) and cams.shape == (300, 200)
+    assert "Mass" in cams and "Not a finding" not in cams and "0 mapped" in repr(cams)
+    mass = cams["Mass"]
+    assert "1 mapped" in repr(cams)  # reading one map does not pay for the other thirteen
+    assert mass.dtype == np.float32 and mass.shape == (300, 200) and mass.max() == 1.0 and mass.min() >= 0.0
+    stacked = cams.stack()
+    assert stacked.shape == (len(FINDINGS), 300, 200) and stacked.dtype == np.float32
+    np.testing.assert_array_equal(stacked[FINDINGS.index("Mass")], mass)
+    for j, label in enumerate(FINDINGS):
+        np.testing.assert_array_equal(stacked[j], cams[label])
+    assert stacked[FINDINGS.index("Hernia")].max() == 0.0
+    with pytest.raises(KeyError):
+        cams["Not a finding"]
+
+
+def test_raw_cams_is_the_classifier_applied_at_every_position():
+    feats = torch.rand(2, 5, 3, 4, generator=torch.Generator().manual_seed(6))
+    weight = torch.randn(7, 5, generator=torch.Generator().manual_seed(7))
+    expected = torch.relu(torch.einsum("ck,bkhw->bchw", weight, feats))
+    torch.testing.assert_close(raw_cams(feats, weight), expected)

@@ -27,6 +27,9 @@ from cxr_model.store import write_model_dir
 PNG_DIR = Path(__file__).resolve().parents[1] / "data" / "png"
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def card_fields(**over):
     fields = dict(
         name="t", version="1", labels=FINDINGS, input_size=64, in_channels=3, normalization="imagenet",

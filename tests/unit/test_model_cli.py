@@ -16,6 +16,9 @@ PNG_DIR = Path(__file__).resolve().parents[1] / "data" / "png"
 NIH = [PNG_DIR / "00000001_000.png", PNG_DIR / "00027426_000.png"]
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def demo_model():
     return load_model(bundled_demo_path(), "torch")

@@ -16,6 +16,9 @@ from cxr_model.network import LogitsAndFeatures, load_network
 SIZE = 64
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 class RefDenseLayer(nn.Module):
     def __init__(self, cin: int, growth: int = 32, bn_size: int = 4):
         super().__init__()

@@ -10,6 +10,9 @@ from cxr_model import FINDINGS, ModelCard, ModelError
 from cxr_model.preprocess import IMAGENET_MEAN, IMAGENET_STD, geometry_for, preprocess, to_image_grid
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 def make_card(normalization="xrv", size=64):
     return ModelCard(
         name="t", version="1", labels=FINDINGS, input_size=size, in_channels=1 if normalization == "xrv" else 3,

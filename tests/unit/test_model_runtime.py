@@ -16,6 +16,9 @@ from cxr_model.store import write_model_dir
 SIZE = 96
 
 
+pytestmark = pytest.mark.usefixtures("one_torch_thread")
+
+
 @pytest.fixture(scope="module")
 def model_dir(tmp_path_factory):
     d = tmp_path_factory.mktemp("model")
@@ -55,7 +58,7 @@ def test_onnx_equals_torch(model_dir, images, tmp_path):
 
 
 def test_auto_uses_onnx_and_caches_the_export(model_dir, tmp_path, monkeypatch):
-    model = load_model(model_dir, "auto", cache_dir=tmp_path)
+    model = load_model(model_dir, "auto", cache_dir=tmp_path, threads=1)
     assert model.runtime == "onnx"
     cached = list(tmp_path.glob("*.onnx"))
     assert len(cached) == 1 and cached[0].name.startswith(model.card.weights_sha256)
@@ -64,10 +67,10 @@ def test_auto_uses_onnx_and_caches_the_export(model_dir, tmp_path, monkeypatch):
         raise AssertionError("the cached graph should have been reused")
 
     monkeypatch.setattr(rt_module, "_export_bytes", no_export)
-    assert load_model(model_dir, "auto", cache_dir=tmp_path).runtime == "onnx"
+    assert load_model(model_dir, "auto", cache_dir=tmp_path, threads=1).runtime == "onnx"
     cached[0].write_bytes(b"corrupt")  # a damaged cache entry is re-exported, not trusted
     monkeypatch.undo()
-    assert load_model(model_dir, "auto", cache_dir=tmp_path).runtime == "onnx"
+    assert load_model(model_dir, "auto", cache_dir=tmp_path, threads=1).runtime == "onnx"
 
 
 def test_failed_export_falls_back_to_torch(model_dir, tmp_path, monkeypatch, caplog):
@@ -76,7 +79,7 @@ def test_failed_export_falls_back_to_torch(model_dir, tmp_path, monkeypatch, cap
 
     monkeypatch.setattr(rt_module, "_export_bytes", broken)
     with caplog.at_level(logging.WARNING, logger="cxr_model"):
-        model = load_model(model_dir, "auto", cache_dir=tmp_path)
+        model = load_model(model_dir, "auto", cache_dir=tmp_path, threads=1)
     assert model.runtime == "torch"
     assert "ONNX runtime unavailable" in caplog.text and "simulated" in caplog.text
     with pytest.raises(ModelError, match="ONNX runtime unavailable.*simulated"):
@@ -104,3 +107,14 @@ def test_temperature_calibration(model_dir, images, tmp_path):
 def test_bad_runtime_name(model_dir):
     with pytest.raises(ModelError, match="runtime must be"):
         load_model(model_dir, "tensorrt")
+
+
+def test_onnx_session_options_and_threads(model_dir, tmp_path):
+    model = load_model(model_dir, "onnx", cache_dir=tmp_path, threads=1)
+    opts = model.backend.session.get_session_options()
+    assert opts.intra_op_num_threads == 1 and opts.inter_op_num_threads == 1
+    assert opts.graph_optimization_level.name == "ORT_ENABLE_ALL"
+    assert opts.execution_mode.name == "ORT_SEQUENTIAL"
+    assert torch.get_num_threads() == 1  # preprocessing and CAM mapping follow the same setting
+    names = [o.name for o in model.backend.session.get_outputs()]
+    assert names == ["logits", "features"]  # the CAM feature map comes out of the same run
