@@ -34,7 +34,7 @@ def _parser() -> argparse.ArgumentParser:
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for results")
 
-    model = sub.add_parser("model", help="model directories: info, import")
+    model = sub.add_parser("model", help="model directories: info, import, train, evaluate, calibrate, make-phantoms")
     model_sub = model.add_subparsers(dest="model_command", required=True)
     info = model_sub.add_parser("info", help="print a model card")
     info.add_argument("model_dir", type=Path, nargs="?")
@@ -44,6 +44,7 @@ def _parser() -> argparse.ArgumentParser:
     imp.add_argument("out_dir", type=Path)
     imp.add_argument("--name")
     imp.add_argument("--version")
+    _add_training_parsers(model_sub)
 
     predict = sub.add_parser("predict", help="score DICOM or PNG/JPEG radiographs")
     predict.add_argument("files", type=Path, nargs="+")
@@ -51,6 +52,71 @@ def _parser() -> argparse.ArgumentParser:
     predict.add_argument("--heatmaps", type=Path, dest="heatmaps_dir")
     predict.add_argument("--json", action="store_true", dest="as_json")
     return parser
+
+
+#: choices of the training commands; tests check them against cxr_model's own constants.
+DATASETS = ("chestxray14", "chexpert")
+SPLIT_SCHEMES = ("official", "random")
+SPLIT_NAMES = ("train", "val", "test")
+LOSSES = ("bce", "weighted-bce", "focal")
+
+
+def _add_training_parsers(model_sub: argparse._SubParsersAction) -> None:
+    """`model train | evaluate | calibrate | make-phantoms` (run by cxr_model.train_cli; choices mirror cxr_model)."""
+    tr = model_sub.add_parser("train", help="train a DenseNet121 on ChestX-ray14 or CheXpert into a model directory")
+    tr.add_argument("--dataset", required=True, choices=DATASETS)
+    tr.add_argument("--data-dir", required=True, type=Path)
+    tr.add_argument("--out", required=True, type=Path, help="model directory to write (weights, card, checkpoint)")
+    tr.add_argument("--split", default="official", choices=SPLIT_SCHEMES,
+                    help="official lists (validation = 10%% of train_val patients) or a patient-wise 70/10/20")
+    tr.add_argument("--image-size", type=int, default=224)
+    tr.add_argument("--epochs", type=int, default=3)
+    tr.add_argument("--batch-size", type=int, default=16)
+    tr.add_argument("--lr", type=float, default=1e-3)
+    tr.add_argument("--loss", default="weighted-bce", choices=LOSSES)
+    tr.add_argument("--focal-gamma", type=float, default=2.0)
+    tr.add_argument("--init", default=None, help="torchvision:PATH (ImageNet DenseNet121 state dict) or model:DIR")
+    tr.add_argument("--seed", type=int, default=0)
+    tr.add_argument("--resume", action="store_true", help="continue from OUT/checkpoint.pt")
+    tr.add_argument("--uncertainty", default="ignore",
+                    help="CheXpert -1 labels: ignore|zeros|ones, or per finding e.g. 'ignore,Atelectasis=ones,Edema=ones'")
+    tr.add_argument("--no-augment", dest="augment", action="store_false")
+    tr.add_argument("--device", default=None, help="cpu, cuda, cuda:1 ... (default: cuda when available)")
+    tr.add_argument("--workers", type=int, default=None, help="loader workers (default: 0 on CPU, up to 8 on CUDA)")
+    tr.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision on CUDA")
+    tr.add_argument("--name")
+    tr.add_argument("--version")
+
+    for name, default_split, helptext in (
+        ("evaluate", "test", "ROC/reliability PNGs and metrics.json (AUROC with bootstrap CI, AUPRC, ECE, "
+                             "operating points, Grad-CAM localisation vs a random map)"),
+        ("calibrate", "val", "fit per-finding temperatures and operating thresholds into the model card"),
+    ):
+        p = model_sub.add_parser(name, help=helptext)
+        p.add_argument("--model", required=True, type=Path, dest="model_dir")
+        p.add_argument("--dataset", required=True, choices=DATASETS)
+        p.add_argument("--data-dir", required=True, type=Path)
+        p.add_argument("--split", default=default_split, choices=SPLIT_NAMES)
+        p.add_argument("--scheme", default=None, choices=SPLIT_SCHEMES,
+                       help="split scheme (default: the one the model was trained with)")
+        p.add_argument("--seed", type=int, default=None, help="split seed (default: the training seed)")
+        p.add_argument("--uncertainty", default="ignore")
+        p.add_argument("--batch-size", type=int, default=16)
+        p.add_argument("--device", default=None)
+        if name == "evaluate":
+            p.add_argument("--out", required=True, type=Path, help="report directory")
+            p.add_argument("--bootstrap", type=int, default=1000, help="bootstrap resamples for the 95%% CI")
+        else:
+            p.add_argument("--specificity", default=None,
+                           help="fixed specificity instead of Youden's J: '0.9' for all or 'Nodule=0.95,Mass=0.9'")
+
+    mp = model_sub.add_parser("make-phantoms", help="write synthetic phantoms in the ChestX-ray14 layout (pipeline tests)")
+    mp.add_argument("out", type=Path)
+    mp.add_argument("--n", type=int, default=400)
+    mp.add_argument("--size", type=int, default=96)
+    mp.add_argument("--seed", type=int, default=0)
+    mp.add_argument("--prevalence", type=float, default=0.3)
+
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,6 +151,10 @@ def _model(args: argparse.Namespace) -> int:
     if args.model_command == "info":
         print(model_cli.info(args.model_dir or _settings().model_path or cxr_model.bundled_demo_path()))
         return 0
+    from cxr_model import train_cli
+
+    if args.model_command in train_cli.COMMANDS:
+        return train_cli.run(args)
     from cxr_model.importers import import_checkpoint
 
     card = import_checkpoint(args.source, args.checkpoint, args.out_dir, name=args.name, version=args.version)
