@@ -1,12 +1,18 @@
 """Coded concepts written into our result objects, in one place.
 
 Each finding of the ChestX-ray14 label set (DESIGN.md section 5) maps to one
-coded concept. Where DICOM PS3.16 itself lists a code (as shipped in
-pydicom's concept dictionary, generated from PS3.16) that code is used and
-marked "PS3.16"; the other SNOMED CT codes were checked against public
-SNOMED CT listings (UMLS SNOMEDCT_US, OMOP, FHIR value sets) as far as this
-environment allowed. Codes marked UNVERIFIED must be checked against a SNOMED
-CT browser before clinical release; their meanings are what we intend.
+SNOMED CT concept; the table below is the only place they are written.
+Verification, as far as this environment allowed (no SNOMED CT browser is
+reachable), one source per line in the comment beside each code:
+* "PS3.16": the code and meaning appear in DICOM PS3.16 (pydicom's concept
+  dictionary, generated from PS3.16; the context group is named).
+* "OMOP"/"UMLS": a public vocabulary listing (OMOP concept tables, UMLS
+  SNOMEDCT_US) found with the project's code search gives the same id and
+  meaning.
+* "SNOMED CT International (not re-checked here)": widely used id whose
+  listing was not found in the sources available here.
+UNVERIFIED marks a code for which no source could be found at all; it must be
+checked against a SNOMED CT browser before clinical release.
 """
 
 from __future__ import annotations
@@ -34,33 +40,41 @@ def _sct(value: str, meaning: str) -> CodedConcept:
 # ChestX-ray14 label -> finding concept.
 FINDING_CODES: MappingProxyType[str, CodedConcept] = MappingProxyType(
     {
+        # 46621007 |Atelectasis (disorder)|: SNOMED CT International (not
+        # re-checked here; PS3.16 lists only the subtype 40779009 Plate-like atelectasis).
         "Atelectasis": _sct("46621007", "Atelectasis"),
-        # 8186001 |Cardiomegaly (disorder)|. PS3.16 CID 12248/12249 list
-        # 287272002 as "Cardiomegaly", but that concept id also appears in
-        # PS3.16 as "Enlarged septal foramen of heart", so the widely used
-        # 8186001 is kept.
+        # 8186001 |Cardiomegaly (disorder)|: OMOP/imaging-finding code tables
+        # (code search). PS3.16 CID 12248/12249 list 287272002 as "Cardiomegaly",
+        # but that id is a fetal-echo concept there, so 8186001 is kept.
         "Cardiomegaly": _sct("8186001", "Cardiomegaly"),
-        "Effusion": _sct("60046008", "Pleural effusion"),  # PS3.16 CID 645
-        # 409609008 |Radiologic infiltrate of lung (disorder)| (UMLS
-        # SNOMEDCT_US). PS3.16 CID 6104 has (112121, DCM, "Infiltrate").
+        "Effusion": _sct("60046008", "Pleural effusion"),  # PS3.16 CID 645, 8134
+        # 409609008 |Radiologic infiltrate of lung (disorder)|: UMLS SNOMEDCT_US
+        # (not re-checked here). PS3.16 CID 6104 has (112121, DCM, "Infiltrate").
         "Infiltration": _sct("409609008", "Radiologic infiltrate of lung"),
-        "Mass": _sct("4147007", "Mass"),  # PS3.16 CID 6104 Abnormal Opacity (chest)
-        "Nodule": _sct("27925004", "Nodule"),  # PS3.16 CID 6104 Abnormal Opacity (chest)
-        "Pneumonia": _sct("233604007", "Pneumonia"),
-        "Pneumothorax": _sct("36118008", "Pneumothorax"),  # PS3.16 CID 6105 Abnormal Lucency
-        "Consolidation": _sct("95436008", "Lung consolidation"),  # OMOP listing
+        "Mass": _sct("4147007", "Mass"),  # PS3.16 CID 6102, 6104 (chest findings)
+        "Nodule": _sct("27925004", "Nodule"),  # PS3.16 CID 6102, 6104 (chest findings)
+        "Pneumonia": _sct("233604007", "Pneumonia"),  # UMLS C0032285 lists SCT 233604007 "Pneumonia"
+        "Pneumothorax": _sct("36118008", "Pneumothorax"),  # PS3.16 CID 6102, 6105
+        "Consolidation": _sct("95436008", "Lung consolidation"),  # OMOP concept 4318404 "Lung consolidation"
         "Edema": _sct("19242006", "Pulmonary edema"),  # PS3.16 CID 3700
+        # 87433001 |Pulmonary emphysema (disorder)|: SNOMED CT International
+        # (not re-checked here).
         "Emphysema": _sct("87433001", "Pulmonary emphysema"),
+        # 51615001 |Fibrosis of lung (disorder)|: SNOMED CT International (not
+        # re-checked here). PS3.16 has only the morphology 112674009 "Fibrosis".
         "Fibrosis": _sct("51615001", "Fibrosis of lung"),
-        # UNVERIFIED: 40100001 is intended as |Pleural thickening (finding)|.
+        # UNVERIFIED: 40100001 is intended as |Pleural thickening (finding)|; no
+        # listing of this id was found in PS3.16 or the searchable vocabularies.
         "Pleural_Thickening": _sct("40100001", "Pleural thickening"),
-        # 84089009 |Hiatal hernia (disorder)|: the NIH "Hernia" label is a
-        # hiatus hernia seen behind the heart on chest radiographs.
+        # 84089009 |Hiatal hernia (disorder)|: SNOMED CT International (not
+        # re-checked here). The NIH "Hernia" label is a hiatus hernia seen
+        # behind the heart on chest radiographs.
         "Hernia": _sct("84089009", "Hiatal hernia"),
     }
 )
 
-# Qualitative evaluation at the operating point (PS3.16 CID 240/241 values).
+# Qualitative evaluation at the operating point (PS3.16 CID 240/241 values,
+# checked in pydicom's PS3.16 dictionary).
 PRESENT = _sct("52101004", "Present")
 ABSENT = _sct("272519000", "Absent")
 

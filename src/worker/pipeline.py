@@ -1,7 +1,7 @@
 """The work of one job, as plain functions tested without Celery.
 
 load instances -> select eligible frontal chest images -> cxr_model (probabilities + CAMs,
-one pass) -> SR + heatmaps (highdicom) -> store -> priority -> DB -> export rows.
+one pass) -> SR + heatmaps (+ parametric maps) (highdicom) -> store -> priority -> DB -> export rows.
 """
 
 from __future__ import annotations
@@ -165,6 +165,7 @@ class Pipeline:
             image_results,
             [p.cams for p in predictions],
             algorithm,
+            parametric_maps=self.settings.parametric_map,
         )
         written = self._write_results(study_uid, objects, algorithm)
         priority = compute_priority(f for r in image_results for f in r.findings)
@@ -257,6 +258,11 @@ class Pipeline:
             source = ds.get("SourceImageSequence") or ds.get("ReferencedImageSequence") or []
             source_uid = str(source[0].ReferencedSOPInstanceUID) if source else ""
             pairs.append((str(ResultKind.HEATMAP), ds, source_uid, finding))
+        for ds, finding in zip(objects.parametric_maps, objects.parametric_map_findings, strict=True):
+            # highdicom states the source in the frame's Derivation Image Sequence.
+            frame = ds.PerFrameFunctionalGroupsSequence[0]
+            source = frame.DerivationImageSequence[0].SourceImageSequence
+            pairs.append((str(ResultKind.PARAMETRIC_MAP), ds, str(source[0].ReferencedSOPInstanceUID), finding))
         for kind, ds, source_uid, finding in pairs:
             relpath = result_relpath(study_uid, str(ds.SOPInstanceUID))
             atomic_write(self.settings.results_dir / relpath, lambda handle, ds=ds: ds.save_as(handle, enforce_file_format=True))
