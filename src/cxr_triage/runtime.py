@@ -9,6 +9,7 @@ import subprocess
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 from triage_core.db import Database
@@ -50,8 +51,56 @@ def _safe_url(url: str) -> str:
     return make_url(url).render_as_string(hide_password=True)
 
 
-def load_model_for(settings: Settings, path=None):
-    """The model the worker uses: ``path``, else CXR_TRIAGE_MODEL_PATH, else the bundled demo model."""
+#: Auto concurrency stops here: each process holds its own model and runtime (several hundred MB).
+MAX_AUTO_WORKERS = 8
+
+
+@dataclass(frozen=True)
+class WorkerPlan:
+    """How the model worker uses the machine: processes x intra-op threads."""
+
+    concurrency: int
+    threads: int | None
+    gpu: bool
+
+
+def usable_cores() -> int:
+    try:
+        return max(1, len(os.sched_getaffinity(0)))
+    except AttributeError:  # not Linux
+        return max(1, os.cpu_count() or 1)
+
+
+def _gpu_expected(settings: Settings) -> bool:
+    """Whether the model will run on a GPU, decided without initialising CUDA (the pool forks afterwards)."""
+    if settings.model_device:
+        return settings.model_device.startswith("cuda")
+    return Path("/dev/nvidiactl").exists()
+
+
+def worker_plan(settings: Settings, cores: int | None = None, gpu: bool | None = None) -> WorkerPlan:
+    """Processes and threads for the model worker.
+
+    On the CPU, one single-threaded process per core: bench/model_bench.py
+    measured two 1-thread processes at 1.1-1.9x the images/s of one 2-thread
+    process (DenseNet121 at 224, ONNX Runtime) on the 2-core build machine,
+    and a study's preprocessing, result encoding and storage run alongside
+    another's inference. On a GPU one process feeds the device. The settings,
+    when given, win; threads left unset divide the cores among the processes.
+    """
+    cores = usable_cores() if cores is None else cores
+    gpu = _gpu_expected(settings) if gpu is None else gpu
+    concurrency = settings.worker_concurrency or (1 if gpu else min(cores, MAX_AUTO_WORKERS))
+    threads = settings.model_threads or (None if gpu else max(1, cores // concurrency))
+    return WorkerPlan(concurrency, threads, gpu)
+
+
+def load_model_for(settings: Settings, path=None, threads: int | None = None):
+    """The model the worker uses: ``path``, else CXR_TRIAGE_MODEL_PATH, else the bundled demo model.
+
+    ``threads`` defaults to CXR_TRIAGE_MODEL_THREADS; the worker passes its plan's.
+    The ONNX graph exported from the weights is cached under the data directory.
+    """
     import cxr_model
 
     path = path or settings.model_path or cxr_model.bundled_demo_path()
@@ -60,7 +109,8 @@ def load_model_for(settings: Settings, path=None):
         import torch
 
         device = "cuda" if torch.cuda.is_available() else None
-    model = cxr_model.load_model(path, runtime=settings.model_runtime, threads=settings.model_threads, device=device)
+    model = cxr_model.load_model(path, runtime=settings.model_runtime, threads=threads or settings.model_threads,
+                                 device=device, cache_dir=settings.data_dir / "cache" / "onnx")
     card = model.card
     log.info("model %s %s loaded from %s (runtime %s, device %s)%s", card.name, card.version, path, model.runtime,
              device or "cpu",
@@ -99,17 +149,34 @@ def run_node(settings: Settings) -> None:
 
 
 def run_worker(settings: Settings) -> None:
+    from celery import signals as celery_signals
+
     from worker.celery_app import QUEUE, make_celery
     from worker.tasks import register_tasks
 
     settings.ensure_dirs()
     database = Database(settings.database_url)
     app = make_celery(settings)
-    register_tasks(app, settings, database, lambda: load_model_for(settings))
-    pool = "solo" if settings.worker_concurrency == 1 else "prefork"
+    plan = worker_plan(settings)
+    pipeline = register_tasks(app, settings, database, lambda: load_model_for(settings, threads=plan.threads))
+    pool = "solo" if plan.concurrency == 1 else "prefork"
+    log.info("model worker: %d process(es) x %s thread(s)%s", plan.concurrency, plan.threads or "default",
+             " on a GPU" if plan.gpu else "")
+
+    def warm(**_):
+        # A forked child must not share the parent's database connections; then load the model now,
+        # not on the first study (a failure here is logged and the job that needs it fails with the reason).
+        database.engine.dispose(close=False)
+        try:
+            pipeline.model
+        except Exception:
+            log.exception("model failed to load; jobs will fail with the reason until it does")
+
+    signal_name = "worker_process_init" if pool == "prefork" else "worker_ready"
+    getattr(celery_signals, signal_name).connect(warm, weak=False)
     app.worker_main([
         "worker", f"--loglevel={settings.log_level}", f"--pool={pool}",
-        f"--concurrency={settings.worker_concurrency}", "-Q", QUEUE,
+        f"--concurrency={plan.concurrency}", "-Q", QUEUE,
         "--without-gossip", "--without-mingle", "--without-heartbeat",
         f"--hostname=cxr-triage@{os.uname().nodename}-{os.getpid()}",
     ])

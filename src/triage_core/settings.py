@@ -69,8 +69,10 @@ class Settings(BaseSettings):
     api_port: int = Field(8000, ge=1, le=65535)
     model_path: Path | None = None
     # Beyond DESIGN.md section 3:
-    worker_concurrency: int = Field(1, ge=1)
+    #: Model worker processes; unset = one per usable CPU core (at most 8) on the CPU, 1 on a GPU.
+    worker_concurrency: int | None = Field(None, ge=1)
     model_runtime: str = "auto"
+    #: Intra-op threads per worker process; unset = the cores divided among the processes.
     model_threads: int | None = Field(None, ge=1)
     #: "cpu", "cuda", "cuda:1"...; empty = the first GPU when torch sees one, else the CPU.
     model_device: str = ""

@@ -104,10 +104,13 @@ class TriageService:
 @pytest.fixture(params=["embedded", "postgresql+redis"])
 def service(request, tmp_path, orthanc):
     need(shutil.which("storescu") is not None, "dcmtk is not installed (apt-get install dcmtk)")
-    env = {"CXR_TRIAGE_EXPORT_DESTINATIONS": f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}"}
+    env = {"CXR_TRIAGE_EXPORT_DESTINATIONS": f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}",
+           # Both pools: two forked model processes (the CPU default) and Celery's solo pool (a GPU worker's).
+           "CXR_TRIAGE_WORKER_CONCURRENCY": "2"}
     if request.param == "postgresql+redis":
         env["CXR_TRIAGE_DATABASE_URL"] = request.getfixturevalue("postgres_url")
         env["CXR_TRIAGE_BROKER_URL"] = request.getfixturevalue("redis_url")
+        env["CXR_TRIAGE_WORKER_CONCURRENCY"] = "1"
     svc = TriageService(tmp_path, env).start()
     yield svc
     returncode = svc.stop()

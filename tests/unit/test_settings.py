@@ -95,3 +95,25 @@ def test_cli_reports_bad_configuration_without_a_traceback(clean_env, capsys):
     with pytest.raises(SystemExit) as stop:
         main(["db", "upgrade"])
     assert "bad configuration" in str(stop.value) and "AET@host:port" in str(stop.value)
+
+
+@pytest.mark.parametrize(
+    ("env", "cores", "gpu", "expected"),
+    [
+        ({}, 2, False, (2, 1)),  # one single-threaded model process per core (bench/model_bench.py)
+        ({}, 1, False, (1, 1)),
+        ({}, 64, False, (8, 8)),  # capped: every process holds a model
+        ({}, 16, True, (1, None)),  # one process feeds the GPU
+        ({"CXR_TRIAGE_WORKER_CONCURRENCY": "1"}, 4, False, (1, 4)),
+        ({"CXR_TRIAGE_WORKER_CONCURRENCY": "3", "CXR_TRIAGE_MODEL_THREADS": "2"}, 2, False, (3, 2)),
+        ({"CXR_TRIAGE_MODEL_DEVICE": "cuda:1"}, 8, None, (1, None)),
+        ({"CXR_TRIAGE_MODEL_DEVICE": "cpu"}, 2, None, (2, 1)),
+    ],
+)
+def test_worker_plan_follows_the_settings_then_the_machine(clean_env, env, cores, gpu, expected):
+    from cxr_triage.runtime import worker_plan
+
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    plan = worker_plan(Settings(), cores=cores, gpu=gpu)
+    assert (plan.concurrency, plan.threads) == expected
