@@ -8,11 +8,13 @@ from .card import ModelCard, load_card
 from .errors import ImageRefused, ModelError
 from .image_io import load_image_file
 from .labels import FINDINGS
+from .metadata import ImageMetadata, metadata_from_dicom
 from .model import Model, Prediction, load_model
 from .paths import bundled_demo_path
 
 __all__ = [
     "FINDINGS",
+    "ImageMetadata",
     "ImageRefused",
     "Model",
     "ModelCard",
@@ -22,4 +24,5 @@ __all__ = [
     "load_card",
     "load_image_file",
     "load_model",
+    "metadata_from_dicom",
 ]

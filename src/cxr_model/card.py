@@ -18,12 +18,19 @@ from dataclasses import MISSING, asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
+from . import metadata as _metadata
 from .errors import ModelError
 
 CARD_FILE = "model_card.json"
 ARCHITECTURE = "monai.DenseNet121"
 NORMALIZATIONS = ("imagenet", "xrv")
 WEIGHTS_DTYPES = ("float32", "float16")
+#: the parameter sets a calibration entry may hold: temperature scaling sigmoid(z / T) or Platt scaling
+#: sigmoid(a z + b); an empty entry (or a label without one) means uncalibrated.
+CALIBRATION_METHODS: dict[str, frozenset[str]] = {
+    "temperature": frozenset({"temperature"}),
+    "platt": frozenset({"platt_a", "platt_b"}),
+}
 
 
 @dataclass(frozen=True)
@@ -48,6 +55,9 @@ class ModelCard:
     weights_dtype: str = "float32"
     #: where the weights came from (importer, source checkpoint hash, notes).
     provenance: dict[str, Any] = field(default_factory=dict)
+    #: the metadata vector the network takes beside the image (see :mod:`cxr_model.metadata`); {} = none.
+    #: Absent from the JSON of a model without metadata, so older cards read (and write) unchanged.
+    metadata_inputs: dict[str, Any] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def bad(field_name: str, why: str) -> ModelError:
@@ -94,14 +104,21 @@ class ModelCard:
             if k not in labels:
                 raise bad("calibration", f"unknown label {k!r}")
             if not isinstance(v, Mapping):
-                raise bad("calibration", f"{k} must be an object such as {{'temperature': 1.3}}")
+                raise bad("calibration", f"{k} must be an object such as {{'temperature': 1.3}} or "
+                                         "{'platt_a': 0.8, 'platt_b': -0.4}")
             entry = {str(p): float(x) for p, x in v.items()}
-            unknown = set(entry) - {"temperature"}
-            if unknown:
-                raise bad("calibration", f"{k}: unsupported parameter(s) {sorted(unknown)} (only 'temperature')")
+            if entry and set(entry) not in CALIBRATION_METHODS.values():
+                raise bad("calibration", f"{k}: parameters {sorted(entry)} are neither {{'temperature'}} nor "
+                                         "{'platt_a', 'platt_b'}")
             t = entry.get("temperature")
             if t is not None and not (math.isfinite(t) and t > 0):
                 raise bad("calibration", f"{k}: temperature must be a positive number, got {t}")
+            a, b = entry.get("platt_a"), entry.get("platt_b")
+            if a is not None and not (math.isfinite(a) and a > 0):
+                raise bad("calibration", f"{k}: platt_a must be a positive number (a slope that keeps the ranking), "
+                                         f"got {a}")
+            if b is not None and not math.isfinite(b):
+                raise bad("calibration", f"{k}: platt_b must be a finite number, got {b}")
             calibration[k] = entry
         object.__setattr__(self, "calibration", calibration)
         object.__setattr__(self, "evaluation", dict(self.evaluation))
@@ -115,10 +132,33 @@ class ModelCard:
             raise bad("architecture", f"only {ARCHITECTURE!r} is supported, got {self.architecture!r}")
         if self.weights_dtype not in WEIGHTS_DTYPES:
             raise bad("weights_dtype", f"must be one of {WEIGHTS_DTYPES}, got {self.weights_dtype!r}")
+        if not isinstance(self.metadata_inputs, Mapping):
+            raise bad("metadata_inputs", f"must be an object, got {self.metadata_inputs!r}")
+        try:
+            object.__setattr__(self, "metadata_inputs", _metadata.check_card_entry(self.metadata_inputs))
+        except ValueError as exc:
+            raise bad("metadata_inputs", str(exc)) from None
+
+    @property
+    def takes_metadata(self) -> bool:
+        """Whether the network takes the metadata vector of :mod:`cxr_model.metadata` beside the image."""
+        return bool(self.metadata_inputs)
+
+    @property
+    def metadata_features(self) -> int:
+        """Length of the metadata vector (0 = the model takes none)."""
+        return len(self.metadata_inputs.get("features", ()))
+
+    def calibration_method(self, label: str) -> str | None:
+        """'temperature', 'platt' or None (uncalibrated) for one label."""
+        keys = set(self.calibration.get(label, {}))
+        return next((m for m, params in CALIBRATION_METHODS.items() if keys == params), None)
 
     def to_dict(self) -> dict[str, Any]:
         d = asdict(self)
         d["labels"] = list(self.labels)
+        if not d["metadata_inputs"]:  # a model without metadata keeps the card format it always had
+            del d["metadata_inputs"]
         return d
 
     @classmethod

@@ -28,7 +28,9 @@ NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 DEMO_NOTE = "DEMO WEIGHTS: untrained, outputs are meaningless"
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 
-ImageReader = Callable[[Path], np.ndarray]
+#: path -> 2-D [0, 1] image, or (image, metadata) where metadata is what Model.predict takes per image (a DICOM
+#: data set, an ImageMetadata, or None); a bare image has no metadata (PNG/JPEG: age, sex and view unknown).
+ImageReader = Callable[[Path], "np.ndarray | tuple[np.ndarray, Any]"]
 
 
 def info(model_dir: str | os.PathLike[str]) -> str:
@@ -46,11 +48,18 @@ def info(model_dir: str | os.PathLike[str]) -> str:
         f"weights:        {card.weights_file} ({card.weights_dtype}), sha256 {card.weights_sha256}",
         f"demo:           {'yes' if card.demo else 'no'}",
         f"intended use:   {card.intended_use}",
+        "metadata:       " + (f"{card.metadata_inputs['encoding']}: {card.metadata_inputs.get('description', '')}"
+                                if card.takes_metadata else "none (image only)"),
         "findings (threshold, calibration):",
     ]
     for label in card.labels:
-        t = card.calibration.get(label, {}).get("temperature")
-        cal = f"T={t:g}" if t is not None else "uncalibrated"
+        entry, method = card.calibration.get(label, {}), card.calibration_method(label)
+        if method == "temperature":
+            cal = f"T={entry['temperature']:g}"
+        elif method == "platt":
+            cal = f"Platt a={entry['platt_a']:g} b={entry['platt_b']:g}"
+        else:
+            cal = "uncalibrated"
         lines.append(f"  {label:<20} {card.thresholds[label]:.3f}  {cal}")
     if card.evaluation:
         lines.append("evaluation: " + json.dumps(card.evaluation, sort_keys=True))
@@ -120,8 +129,8 @@ def predict_records(
             "probabilities": None, "positive": None,
         }
         try:
-            image = reader(path)
-            pred = model.predict([image], cams=heatmaps_dir is not None)[0]
+            image, metadata = _split_read(reader(path))
+            pred = model.predict([image], cams=heatmaps_dir is not None, metadata=[metadata])[0]
             rec["probabilities"] = pred.probabilities
             rec["positive"] = list(pred.positive)
             if heatmaps_dir is not None:
@@ -134,6 +143,13 @@ def predict_records(
             rec.update(status="error", reason=f"{type(exc).__name__}: {exc}")
         records.append(rec)
     return records
+
+
+def _split_read(result: Any) -> tuple[np.ndarray, Any]:
+    if isinstance(result, tuple):
+        image, metadata = result
+        return image, metadata
+    return result, None
 
 
 def format_records(records: list[dict[str, Any]], *, demo: bool) -> str:

@@ -32,6 +32,7 @@ import numpy as np
 
 from .errors import ModelError
 from .labels import FINDINGS
+from .metadata import ImageMetadata, encode_many, parse_age_years
 
 DATASETS = ("chestxray14", "chexpert")
 SPLIT_SCHEMES = ("official", "random")
@@ -83,6 +84,8 @@ class LabelledSet:
     mask: np.ndarray
     names: tuple[str, ...] = ()  # image names as the metadata spells them (for boxes); defaults to file names
     meta: dict[str, object] = field(default_factory=dict)
+    #: age, sex and view of every image; () = not known for any image (encoded as unknown).
+    metadata: tuple[ImageMetadata, ...] = ()
 
     def __post_init__(self) -> None:
         n, c = len(self.paths), len(self.labels_names)
@@ -97,6 +100,9 @@ class LabelledSet:
         names = tuple(self.names) or tuple(p.name for p in self.paths)
         if len(names) != n:
             raise ModelError(f"names: {len(names)} entries for {n} images")
+        if self.metadata and len(self.metadata) != n:
+            raise ModelError(f"metadata: {len(self.metadata)} entries for {n} images")
+        object.__setattr__(self, "metadata", tuple(self.metadata))
         object.__setattr__(self, "labels", labels)
         object.__setattr__(self, "mask", mask)
         object.__setattr__(self, "names", names)
@@ -115,7 +121,12 @@ class LabelledSet:
             self.mask[idx],
             tuple(self.names[i] for i in idx),
             dict(self.meta),
+            tuple(self.metadata[i] for i in idx) if self.metadata else (),
         )
+
+    def metadata_matrix(self) -> np.ndarray:
+        """(N, M) float32 metadata inputs of every image (all unknown where the data set has none)."""
+        return encode_many(self.metadata or [None] * len(self))
 
     def positives(self) -> np.ndarray:
         """Positive count per label among the labels that count (mask = 1)."""
@@ -138,22 +149,16 @@ def _norm(col: str) -> str:
     return re.sub(r"[^a-z0-9]", "", col.lower())
 
 
+def _optional_column(header: Sequence[str], name: str) -> int | None:
+    return next((i for i, h in enumerate(header) if _norm(h) == _norm(name)), None)
+
+
 def _column(header: Sequence[str], *candidates: str, path: Path) -> int:
     normed = [_norm(h) for h in header]
     for cand in candidates:
         if _norm(cand) in normed:
             return normed.index(_norm(cand))
     raise ModelError(f"{path}: no column {candidates[0]!r} (header: {list(header)[:12]})")
-
-
-def parse_age_years(text: str) -> float | None:
-    """'57' (v2020), '057Y', '006M' or '010D' (2017 release) -> years; '' or nonsense -> None."""
-    m = re.fullmatch(r"\s*0*(\d+)\s*([YMDW]?)\s*", text or "", flags=re.IGNORECASE)
-    if not m:
-        return None
-    value = float(m.group(1))
-    unit = m.group(2).upper() or "Y"
-    return value / {"Y": 1.0, "M": 12.0, "W": 52.0, "D": 365.25}[unit]
 
 
 @dataclass(frozen=True)
@@ -166,6 +171,10 @@ class NihEntry:
     age_years: float | None
     sex: str
     view: str
+
+    @property
+    def metadata(self) -> ImageMetadata:
+        return ImageMetadata(self.age_years, self.sex, self.view)
 
 
 def read_nih_entries(path: str | Path) -> list[NihEntry]:
@@ -271,9 +280,8 @@ def load_chestxray14(data_dir: str | Path, *, require_images: bool = True) -> tu
     ds = LabelledSet(
         FINDINGS, paths, tuple(e.patient_id for e in entries), labels, np.ones_like(labels),
         names=tuple(e.image for e in entries),
-        meta={"dataset": "chestxray14", "entries_file": entry_file.name,
-              "age_years": [e.age_years for e in entries], "sex": [e.sex for e in entries],
-              "view": [e.view for e in entries]},
+        meta={"dataset": "chestxray14", "entries_file": entry_file.name},
+        metadata=tuple(e.metadata for e in entries),
     )
     box_file = _find_file(data_dir, "BBox_List_2017.csv") or _find_file(data_dir, "BBox_List_2017.csv.gz")
     boxes = read_nih_boxes(box_file) if box_file else []
@@ -425,7 +433,8 @@ def read_chexpert_csv(
             raise ModelError(f"{path} is empty")
         c_path = _column(header, "Path", path=path)
         cols = [_column(header, c, path=path) for c in CHEXPERT_COLUMNS]
-        c_front = next((i for i, h in enumerate(header) if _norm(h) == "frontallateral"), None)
+        c_front = _optional_column(header, "Frontal/Lateral")
+        c_sex, c_age, c_view = (_optional_column(header, c) for c in ("Sex", "Age", "AP/PA"))
         rows = []
         for lineno, row in enumerate(reader, start=2):
             if not row or not any(row):
@@ -439,18 +448,21 @@ def read_chexpert_csv(
                     values.append(float(text) if text else np.nan)
                 except ValueError:
                     raise ModelError(f"{path}:{lineno}: label {text!r} is not 1, 0, -1 or empty") from None
-            rows.append((row[c_path].strip(), values))
+            cell = lambda c: row[c] if c is not None and c < len(row) else ""  # noqa: E731
+            rows.append((row[c_path].strip(), values,
+                         ImageMetadata(parse_age_years(cell(c_age)), cell(c_sex), cell(c_view))))
     if not rows:
         raise ModelError(f"{path}: no images")
-    raw = np.asarray([v for _, v in rows], dtype=np.float64)
+    raw = np.asarray([v for _, v, _ in rows], dtype=np.float64)
     labels, mask = apply_uncertainty(raw, policies, CHEXPERT_LABELS)
     return LabelledSet(
         CHEXPERT_LABELS,
-        tuple(_resolve_chexpert_path(data_dir, p) for p, _ in rows),
-        tuple(_chexpert_patient(p) for p, _ in rows),
+        tuple(_resolve_chexpert_path(data_dir, p) for p, _, _ in rows),
+        tuple(_chexpert_patient(p) for p, _, _ in rows),
         labels, mask,
-        names=tuple(p for p, _ in rows),
+        names=tuple(p for p, _, _ in rows),
         meta={"dataset": "chexpert", "uncertainty": policies},
+        metadata=tuple(m for _, _, m in rows),
     )
 
 

@@ -5,10 +5,12 @@
 ``localization`` when boxes exist, plus ``model``, ``data`` and ``notice``
 saying what was measured), ``roc.png`` and ``reliability.png``.
 
-:func:`calibrate` fits per-finding temperatures (NLL on the split) and
+:func:`calibrate` fits a per-finding calibration (NLL on the split) -
+temperature scaling sigmoid(z / T), or Platt scaling sigmoid(a z + b) - and
 operating thresholds (Youden's J, or a fixed specificity per finding) on the
 *calibrated* probabilities, since that is what the service thresholds, and
 writes them into the model card; the weights and their hash do not change.
+:func:`evaluate` applies whichever calibration the card holds.
 """
 
 from __future__ import annotations
@@ -30,10 +32,12 @@ from .datasets import SPLIT_NAMES, Box, LabelledSet, load_splits
 from .errors import ModelError
 from .image_io import load_image_file
 from .metrics import (
+    LogitCalibration,
     auroc,
     average_precision,
     bootstrap_auroc_ci,
     expected_calibration_error,
+    fit_platt,
     fit_temperature,
     iobb,
     pointing_hit,
@@ -54,6 +58,7 @@ IOBB_LEVELS = (0.1, 0.25, 0.5)
 NIH_BOX_REFERENCE = 1024
 CAM_REGION_LEVEL = 0.5
 NOT_CLINICAL = "Evaluation of a model on the given data; not a clinical validation. NOT FOR DIAGNOSTIC USE."
+CALIBRATION_METHODS = ("temperature", "platt")
 
 
 def _device(device: str | None) -> torch.device:
@@ -79,14 +84,15 @@ def score_split(model_dir: str | Path, data: LabelledSet, *, batch_size: int = 1
     return card, predict_logits(net, loader, dev, amp=False)
 
 
-def _temperatures(card: ModelCard, names: list[str]) -> np.ndarray:
-    return np.asarray([card.calibration.get(n, {}).get("temperature", 1.0) for n in names], dtype=np.float64)
+def card_calibration(card: ModelCard, names: list[str]) -> LogitCalibration:
+    """The card's calibration of the named findings, as the service applies it (cxr_model.Model.probabilities)."""
+    return LogitCalibration.from_entries([card.calibration.get(n, {}) for n in names])
 
 
 def classification_metrics(card: ModelCard, names: list[str], y: np.ndarray, m: np.ndarray, z: np.ndarray, *,
                            n_boot: int, seed: int) -> dict[str, Any]:
     raw_p = sigmoid(z)
-    cal_p = sigmoid(z / _temperatures(card, names))
+    cal_p = sigmoid(card_calibration(card, names)(z))
     ci = bootstrap_auroc_ci(y, z, m, n_boot=n_boot, seed=seed)
     auc, ap, ops, ece_before, ece_after = {}, {}, {}, {}, {}
     for j, name in enumerate(names):
@@ -108,7 +114,8 @@ def classification_metrics(card: ModelCard, names: list[str], y: np.ndarray, m: 
         "auprc": ap,
         "operating_points": ops,
         "ece": {"before": ece_before, "after": ece_after if calibrated else None,
-                "bins": 15, "calibrated": calibrated},
+                "bins": 15, "calibrated": calibrated,
+                "methods": {n: card.calibration_method(n) for n in names} if calibrated else None},
         "_curves": (y, m, z, raw_p, cal_p),
     }
 
@@ -126,14 +133,16 @@ def localization_metrics(model_dir: str | Path, card: ModelCard, data: LabelledS
         return None
     dev = _device(device)
     module = LogitsAndFeatures(load_network(model_dir, card)).to(dev).eval()
-    weight = module.net.state_dict()[CLASSIFIER_WEIGHT].detach().float().cpu()
+    weight = module.net.state_dict()[CLASSIFIER_WEIGHT].detach().float().cpu()  # image-feature columns only
+    metadata = data.metadata_matrix() if card.takes_metadata else None
     rng = torch.Generator().manual_seed(seed)
     tallies: dict[str, dict[str, list[float]]] = {}
     for name in sorted(by_image):
         image = load_image_file(data.paths[position[name]])
         x, geo = preprocess(image, card)
+        m = None if metadata is None else torch.from_numpy(metadata[position[name]])[None].to(dev)
         with torch.no_grad():
-            _, feats = module(torch.from_numpy(x)[None].to(dev))
+            _, feats = module(torch.from_numpy(x)[None].to(dev), m)
         feats = feats.float().cpu()
         cams = cams_for_image(raw_cams(feats, weight)[0], geo)
         rand = cams_for_image(torch.rand((1,) + tuple(feats.shape[-2:]), generator=rng), geo)[0]
@@ -266,9 +275,13 @@ def parse_specificity(spec: str | Mapping[str, float] | None, labels: tuple[str,
 
 def calibrate(model_dir: str | Path, dataset: str, data_dir: str | Path, *, split: str = "val", scheme: str | None = None,
               seed: int | None = None, uncertainty: str = "ignore", specificity: str | Mapping[str, float] | None = None,
-              batch_size: int = 16, device: str | None = None, stream: TextIO | None = None) -> ModelCard:
-    """Fit temperatures and thresholds on ``split`` and write them into the model card."""
+              method: str = "temperature", batch_size: int = 16, device: str | None = None,
+              stream: TextIO | None = None) -> ModelCard:
+    """Fit a calibration per finding (``method``: 'temperature' = T of sigmoid(z / T), 'platt' = a, b of
+    sigmoid(a z + b), both by NLL on ``split``) and thresholds, and write them into the model card."""
     stream = stream or sys.stdout
+    if method not in CALIBRATION_METHODS:
+        raise ModelError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
     card = load_card(model_dir)
     trained = card.provenance.get("config", {}) if isinstance(card.provenance.get("config"), Mapping) else {}
     scheme = scheme or trained.get("split", "official")
@@ -287,29 +300,37 @@ def calibrate(model_dir: str | Path, dataset: str, data_dir: str | Path, *, spli
     for j, name in enumerate(names):
         keep = m[:, j] > 0
         yj, zj = y[keep, j], z[keep, j]
-        t = fit_temperature(yj, zj)
-        if t is None:
+        if method == "platt":
+            ab = fit_platt(yj, zj)
+            entry = None if ab is None else {"platt_a": ab[0], "platt_b": ab[1]}
+        else:
+            t = fit_temperature(yj, zj)
+            entry = None if t is None else {"temperature": t}
+        if entry is None:
             report[name] = {"skipped": "needs positive and negative images"}
             stream.write(f"  {name:<20} skipped: the {split} split lacks positives or negatives\n")
             continue
-        p_before, p_after = sigmoid(zj), sigmoid(zj / t)
+        p_before, p_after = sigmoid(zj), sigmoid(LogitCalibration.from_entries([entry])(zj[:, None])[:, 0])
         if name in fixed_spec:
             thr, rule = threshold_at_specificity(yj, p_after, fixed_spec[name]), f"specificity >= {fixed_spec[name]}"
         else:
             thr, rule = youden_threshold(yj, p_after), "Youden's J"
-        calibration[name] = {"temperature": t}
+        calibration[name] = entry
         if thr is not None:
             thresholds[name] = float(min(max(thr, 0.0), 1.0))
         sens, spec = sensitivity_specificity(yj, p_after, thresholds[name])
-        report[name] = {"temperature": t, "threshold": thresholds[name], "rule": rule,
+        report[name] = {**entry, "threshold": thresholds[name], "rule": rule,
                         "ece_before": expected_calibration_error(yj, p_before),
                         "ece_after": expected_calibration_error(yj, p_after),
                         "sensitivity": sens, "specificity": spec, "images": int(keep.sum())}
-        stream.write(f"  {name:<20} T={t:.3f} threshold={thresholds[name]:.3f} ({rule}) ECE "
+        fitted = (f"a={entry['platt_a']:.3f} b={entry['platt_b']:+.3f}" if method == "platt"
+                  else f"T={entry['temperature']:.3f}")
+        stream.write(f"  {name:<20} {fitted} threshold={thresholds[name]:.3f} ({rule}) ECE "
                      f"{report[name]['ece_before']:.4f} -> {report[name]['ece_after']:.4f}\n")
     evaluation = dict(card.evaluation)
+    what = "temperature scaling" if method == "temperature" else "Platt scaling sigmoid(a logit + b)"
     evaluation["calibration"] = {
-        "method": "per-finding temperature scaling (NLL); thresholds on calibrated probabilities",
+        "method": f"per-finding {what} (NLL); thresholds on calibrated probabilities",
         "dataset": dataset, "split": split, "scheme": scheme, "seed": seed, "images": len(data), "findings": report,
     }
     if manifest is not None:

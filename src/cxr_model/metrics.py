@@ -8,7 +8,8 @@ never NaN, so that it serialises as JSON ``null``.
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -178,6 +179,95 @@ def fit_temperature(y: np.ndarray, logits: np.ndarray, *, bounds: tuple[float, f
         if b - a < 1e-7:
             break
     return float(1.0 / ((a + b) / 2.0))
+
+
+def _solve_offset(y: np.ndarray, u: np.ndarray, tol: float = 1e-12) -> float:
+    """The b minimising the NLL of sigmoid(u + b): the root of mean(sigmoid(u + b)) = mean(y).
+
+    The mean is increasing in b, so Newton steps are kept inside a shrinking bracket (bisection where a
+    step would leave it).  Needs both classes.
+    """
+    target = y.mean()
+    lo, hi = -np.max(u) - 50.0, -np.min(u) + 50.0  # mean(sigmoid) ~ 0 at lo, ~ 1 at hi
+    b = float(np.clip(np.log(target / (1.0 - target)) - np.mean(u), lo, hi))
+    for _ in range(200):
+        p = sigmoid(u + b)
+        g = p.mean() - target
+        if abs(g) <= tol:
+            break
+        if g > 0:
+            hi = b
+        else:
+            lo = b
+        if hi - lo <= tol:
+            break
+        h = float(np.mean(p * (1.0 - p)))
+        step = b - g / h if h > 0 else lo - 1.0
+        b = step if lo < step < hi else 0.5 * (lo + hi)
+    return float(b)
+
+
+def fit_platt(y: np.ndarray, logits: np.ndarray, *, bounds: tuple[float, float] = (0.05, 20.0)
+              ) -> tuple[float, float] | None:
+    """Platt scaling: (a, b) minimising the NLL of sigmoid(a logit + b); None with one class only.
+
+    The NLL is jointly convex in (a, b), so its minimum over b for each a is convex in a: a golden-section
+    search over a (kept in ``bounds``, the range of 1/T that :func:`fit_temperature` allows, so a perfectly
+    separated split cannot send it to infinity) around an exact one-dimensional solve for b.
+    """
+    y, z = _check(y, logits)
+    if y.size == 0 or y.min() == y.max():
+        return None
+
+    def profile(a: float) -> tuple[float, float]:
+        b = _solve_offset(y, a * z)
+        return _nll(y, a * z + b), b
+
+    g = (np.sqrt(5.0) - 1.0) / 2.0
+    lo, hi = bounds
+    c, d = hi - g * (hi - lo), lo + g * (hi - lo)
+    (fc, _), (fd, _) = profile(c), profile(d)
+    for _ in range(100):
+        if fc < fd:
+            hi, d, fd = d, c, fc
+            c = hi - g * (hi - lo)
+            fc, _ = profile(c)
+        else:
+            lo, c, fc = c, d, fd
+            d = lo + g * (hi - lo)
+            fd, _ = profile(d)
+        if hi - lo < 1e-7:
+            break
+    a = (lo + hi) / 2.0
+    return float(a), profile(a)[1]
+
+
+@dataclass(frozen=True)
+class LogitCalibration:
+    """Per-finding calibrated logit: z / T (temperature scaling) or a z + b (Platt scaling), from card entries.
+
+    A finding without an entry keeps its logit.  Temperature-only calibrations compute exactly ``z / T``.
+    """
+
+    temperature: np.ndarray
+    slope: np.ndarray | None = None
+    offset: np.ndarray | None = None
+
+    @classmethod
+    def from_entries(cls, entries: Sequence[Mapping[str, float]]) -> LogitCalibration:
+        """One card ``calibration`` entry per finding ({} = uncalibrated)."""
+        t = np.asarray([e.get("temperature", 1.0) for e in entries], dtype=np.float64)
+        if not any("platt_a" in e for e in entries):
+            return cls(t)
+        a = np.asarray([e.get("platt_a", 1.0) for e in entries], dtype=np.float64)
+        b = np.asarray([e.get("platt_b", 0.0) for e in entries], dtype=np.float64)
+        return cls(t, a, b)
+
+    def __call__(self, logits: np.ndarray) -> np.ndarray:
+        z = np.asarray(logits, dtype=np.float64) / self.temperature
+        if self.slope is not None:
+            z = z * self.slope + self.offset
+        return z
 
 
 # --------------------------------------------------------------------------- operating points

@@ -7,7 +7,7 @@ import os
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
 import numpy as np
 import torch
@@ -15,6 +15,8 @@ import torch
 from .cam import CamMaps, raw_cams
 from .card import ModelCard, load_card
 from .errors import ModelError
+from .metadata import encode_many
+from .metrics import LogitCalibration
 from .network import CLASSIFIER_WEIGHT, load_network
 from .preprocess import preprocess
 from .runtime import TorchRuntime, build_onnx_runtime
@@ -56,6 +58,8 @@ class Prediction:
 
 
 class Backend(Protocol):
+    """``forward(batch)``, or ``forward(batch, metadata)`` for a model whose card takes metadata."""
+
     name: str
 
     def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]: ...
@@ -75,8 +79,8 @@ class Model:
         self.backend = backend
         self.batch_size = batch_size
         self._weight = torch.as_tensor(np.asarray(classifier_weight, dtype=np.float32))
-        temps = [card.calibration.get(label, {}).get("temperature", 1.0) for label in card.labels]
-        self._temperature = np.asarray(temps, dtype=np.float64)
+        self._calibration = LogitCalibration.from_entries([card.calibration.get(label, {}) for label in card.labels])
+        self._warned_no_metadata = False
         self._threshold = np.asarray([card.thresholds[label] for label in card.labels], dtype=np.float64)
 
     @property
@@ -87,21 +91,35 @@ class Model:
         return f"Model({self.card.name!r}, version={self.card.version!r}, runtime={self.runtime!r}, demo={self.card.demo})"
 
     def probabilities(self, logits: np.ndarray) -> np.ndarray:
-        """Calibrated probabilities: sigmoid(logit / T) per label (T = 1 without calibration)."""
-        z = np.asarray(logits, dtype=np.float64) / self._temperature
+        """Calibrated probabilities per label: sigmoid(logit / T) (temperature scaling), sigmoid(a logit + b)
+        (Platt scaling), or sigmoid(logit) without calibration, as the card says."""
+        z = self._calibration(logits)
         return 0.5 * (1.0 + np.tanh(0.5 * z))  # = 1 / (1 + exp(-z)), without overflow
 
-    def predict(self, images: Sequence[np.ndarray], cams: bool = True) -> list[Prediction]:
-        """Score 2-D [0, 1] images (1 = brightest displayed); one Prediction per image, same order."""
+    def predict(self, images: Sequence[np.ndarray], cams: bool = True, metadata: Sequence[Any] | None = None
+                ) -> list[Prediction]:
+        """Score 2-D [0, 1] images (1 = brightest displayed); one Prediction per image, same order.
+
+        ``metadata`` (one entry per image) matters only for a model whose card
+        takes metadata (:attr:`ModelCard.takes_metadata`); an entry is the
+        image's DICOM data set (PatientAge, PatientSex and ViewPosition are
+        read from it), a :class:`~cxr_model.metadata.ImageMetadata`, or None
+        for an image without metadata (a PNG/JPEG file), which is encoded as
+        unknown.  Other models ignore it.
+        """
         if isinstance(images, np.ndarray) and images.ndim == 2:
             raise ModelError("predict() takes a sequence of images; wrap a single image in a list")
         out: list[Prediction] = []
         images = list(images)
+        meta_rows = self._metadata_matrix(metadata, len(images)) if self.card.takes_metadata else None
         for start in range(0, len(images), self.batch_size):
             chunk = images[start : start + self.batch_size]
             prepared = [preprocess(img, self.card) for img in chunk]
             batch = np.stack([x for x, _ in prepared])
-            logits, feats = self.backend.forward(batch)
+            if meta_rows is None:
+                logits, feats = self.backend.forward(batch)
+            else:
+                logits, feats = self.backend.forward(batch, meta_rows[start : start + len(chunk)])
             probs = self.probabilities(logits)
             maps = raw_cams(torch.from_numpy(feats), self._weight) if cams else None  # all labels, one matmul
             for i, (_, geo) in enumerate(prepared):
@@ -110,6 +128,18 @@ class Model:
                 cam_maps = CamMaps(self.card.labels, maps[i], geo) if maps is not None else None
                 out.append(Prediction(probabilities=p, positive=positive, cams=cam_maps))
         return out
+
+    def _metadata_matrix(self, metadata: Sequence[Any] | None, n: int) -> np.ndarray:
+        if metadata is None:
+            if not self._warned_no_metadata:
+                log.warning("model %s %s takes age/sex/view metadata but none was given: scoring as unknown",
+                            self.card.name, self.card.version)
+                self._warned_no_metadata = True
+            metadata = [None] * n
+        metadata = list(metadata)
+        if len(metadata) != n:
+            raise ModelError(f"metadata: {len(metadata)} entries for {n} images")
+        return encode_many(metadata)
 
 
 def load_model(

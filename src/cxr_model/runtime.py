@@ -3,6 +3,9 @@
 Both expose ``forward(batch) -> (logits, features)`` on a (B, C, S, S)
 float32 numpy batch and return numpy arrays, so the rest of the pipeline
 (probabilities, CAMs) is shared and the two can be compared number for number.
+A model that takes metadata is called ``forward(batch, metadata)`` with a
+(B, M) float32 matrix; its ONNX graph has a second input, ``metadata``.  A
+model without metadata exports, caches and runs the very graph it always did.
 
 ONNX Runtime settings, as measured on the 2-core AMD EPYC (Zen 4) build
 machine, DenseNet121 at 224, batch 1, one thread: ORT_ENABLE_ALL (its NCHWc
@@ -30,7 +33,7 @@ import torch
 
 from .card import ModelCard, write_bytes_atomic
 from .errors import ModelError
-from .network import LogitsAndFeatures
+from .network import LogitsAndFeatures, takes_metadata
 
 log = logging.getLogger(__name__)
 
@@ -54,9 +57,13 @@ class TorchRuntime:
         self.module = LogitsAndFeatures(net).to(self.device).eval()
 
     @torch.inference_mode()
-    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    def forward(self, batch: np.ndarray, metadata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         x = torch.from_numpy(np.ascontiguousarray(batch, dtype=np.float32)).to(self.device)
-        logits, feats = self.module(x)
+        if metadata is None:
+            logits, feats = self.module(x)
+        else:
+            m = torch.from_numpy(np.ascontiguousarray(metadata, dtype=np.float32)).to(self.device)
+            logits, feats = self.module(x, m)
         return logits.float().cpu().numpy(), feats.float().cpu().numpy()
 
 
@@ -75,8 +82,11 @@ class OnnxRuntime:
         self.session = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
         self.threads = threads
 
-    def forward(self, batch: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-        logits, feats = self.session.run(["logits", "features"], {"input": np.ascontiguousarray(batch, dtype=np.float32)})
+    def forward(self, batch: np.ndarray, metadata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
+        feeds = {"input": np.ascontiguousarray(batch, dtype=np.float32)}
+        if metadata is not None:
+            feeds["metadata"] = np.ascontiguousarray(metadata, dtype=np.float32)
+        logits, feats = self.session.run(["logits", "features"], feeds)
         return logits, feats
 
 
@@ -85,10 +95,19 @@ def _export_bytes(net: torch.nn.Module, in_channels: int, size: int) -> bytes:
 
     torch 2.13's default exporter (``dynamo=True``) needs the ``onnxscript``
     package; the TorchScript-based exporter (``dynamo=False``) needs nothing
-    extra and handles DenseNet121 exactly, so it is tried first.
+    extra and handles DenseNet121 exactly, so it is tried first.  A network
+    with metadata gets a second input ``metadata`` (batch, M).
     """
     module = LogitsAndFeatures(net).eval()
     example = torch.zeros(1, in_channels, size, size)
+    args: tuple[torch.Tensor, ...] = (example,)
+    input_names = ["input"]
+    dynamic_axes = {"input": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"},
+                    "features": {0: "batch", 2: "fh", 3: "fw"}}
+    if takes_metadata(net):
+        args = (example, torch.zeros(1, net.metadata_out.in_features))
+        input_names.append("metadata")
+        dynamic_axes["metadata"] = {0: "batch"}
     errors = []
     buf = io.BytesIO()
     try:
@@ -96,13 +115,12 @@ def _export_bytes(net: torch.nn.Module, in_channels: int, size: int) -> bytes:
             warnings.simplefilter("ignore")
             torch.onnx.export(
                 module,
-                (example,),
+                args,
                 buf,
                 dynamo=False,
-                input_names=["input"],
+                input_names=input_names,
                 output_names=["logits", "features"],
-                dynamic_axes={"input": {0: "batch", 2: "height", 3: "width"}, "logits": {0: "batch"},
-                              "features": {0: "batch", 2: "fh", 3: "fw"}},
+                dynamic_axes=dynamic_axes,
                 opset_version=ONNX_OPSET,
                 do_constant_folding=True,
             )
@@ -112,8 +130,8 @@ def _export_bytes(net: torch.nn.Module, in_channels: int, size: int) -> bytes:
     try:
         batch = torch.export.Dim("batch", min=1, max=4096)
         program = torch.onnx.export(
-            module, (example,), dynamo=True, input_names=["input"], output_names=["logits", "features"],
-            dynamic_shapes=({0: batch},), opset_version=max(ONNX_OPSET, 18),
+            module, args, dynamo=True, input_names=input_names, output_names=["logits", "features"],
+            dynamic_shapes=tuple({0: batch} for _ in args), opset_version=max(ONNX_OPSET, 18),
         )
         buf = io.BytesIO()
         program.save(buf)
@@ -127,8 +145,9 @@ def _verify(onnx_rt: OnnxRuntime, torch_rt: TorchRuntime, card: ModelCard) -> fl
     gen = torch.Generator().manual_seed(20240229)
     x = torch.rand(2, card.in_channels, card.input_size, card.input_size, generator=gen).numpy()
     x = (x - 0.5) * (4.0 if card.normalization == "imagenet" else 2048.0)
-    lt, ft = torch_rt.forward(x)
-    lo, fo = onnx_rt.forward(x)
+    m = torch.rand(2, card.metadata_features, generator=gen).numpy() if card.takes_metadata else None
+    lt, ft = torch_rt.forward(x, m)
+    lo, fo = onnx_rt.forward(x, m)
     if lo.shape != lt.shape or fo.shape != ft.shape:
         raise ModelError(f"ONNX output shapes {lo.shape}/{fo.shape} differ from torch {lt.shape}/{ft.shape}")
     dl = float(np.abs(lo - lt).max()) / max(1.0, float(np.abs(lt).max()))
@@ -139,9 +158,10 @@ def _verify(onnx_rt: OnnxRuntime, torch_rt: TorchRuntime, card: ModelCard) -> fl
 
 
 def _cache_path(card: ModelCard, cache_dir: Path) -> Path:
-    tag = hashlib.sha256(
-        f"{torch.__version__}|{ONNX_OPSET}|{_EXPORT_REVISION}|{card.in_channels}|{len(card.labels)}".encode()
-    ).hexdigest()[:12]
+    key = f"{torch.__version__}|{ONNX_OPSET}|{_EXPORT_REVISION}|{card.in_channels}|{len(card.labels)}"
+    if card.takes_metadata:  # (only then: image-only models keep the cache names they had)
+        key += f"|metadata:{card.metadata_inputs['encoding']}"
+    tag = hashlib.sha256(key.encode()).hexdigest()[:12]
     return cache_dir / f"{card.weights_sha256}-{tag}.onnx"
 
 

@@ -12,6 +12,11 @@ augmentation use generators seeded with (seed, epoch), so a resumed run is
 identical to an uninterrupted one; on CPU the run is deterministic
 (``torch.use_deterministic_algorithms``) and uses no loader workers.  On CUDA
 it uses AMP and loader workers.
+
+With ``metadata=True`` the network also takes each image's age, sex and view
+position (:mod:`cxr_model.metadata`; read from the data set's CSV, unknown
+values encoded as missing) through a linear layer beside the classifier; the
+card records the encoding.  Off by default.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ import logging
 import math
 import sys
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any, TextIO
@@ -37,8 +42,10 @@ from .datasets import DATASETS, SPLIT_SCHEMES, LabelledSet, load_splits
 from .errors import ModelError
 from .image_io import load_image_file
 from .losses import LOSSES, class_weights, focal_loss, masked_bce
+from .metadata import FEATURES as METADATA_FEATURES
+from .metadata import card_entry as metadata_card_entry
 from .metrics import auroc
-from .network import build_network, load_network
+from .network import METADATA_WEIGHT, build_network, load_network
 from .phantoms import PHANTOM_NOTE, read_manifest
 from .preprocess import preprocess
 from .store import write_model_dir
@@ -76,6 +83,8 @@ class TrainConfig:
     name: str | None = None
     version: str | None = None
     max_train_images: int | None = None
+    #: also feed age, sex and view position (cxr_model.metadata) to the classifier.
+    metadata: bool = False
 
     def __post_init__(self) -> None:
         if self.dataset not in DATASETS:
@@ -93,18 +102,30 @@ class TrainConfig:
 
 
 class ImageSet(Dataset):
-    """(C, S, S) network inputs, labels and masks of a :class:`LabelledSet`, read lazily."""
+    """(C, S, S) network inputs, labels and masks of a :class:`LabelledSet`, read lazily; for a card that
+    takes metadata also the image's metadata vector, as a fourth item."""
 
     def __init__(self, data: LabelledSet, card: ModelCard):
         self.data, self.card = data, card
+        self.metadata = data.metadata_matrix() if card.takes_metadata else None
 
     def __len__(self) -> int:
         return len(self.data)
 
-    def __getitem__(self, i: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    def __getitem__(self, i: int) -> tuple[torch.Tensor, ...]:
         image = load_image_file(self.data.paths[i])
         x, _ = preprocess(image, self.card)
-        return torch.from_numpy(x), torch.from_numpy(self.data.labels[i]), torch.from_numpy(self.data.mask[i])
+        item = (torch.from_numpy(x), torch.from_numpy(self.data.labels[i]), torch.from_numpy(self.data.mask[i]))
+        if self.metadata is not None:
+            item += (torch.from_numpy(self.metadata[i]),)
+        return item
+
+
+def forward(net: torch.nn.Module, x: torch.Tensor, batch: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Logits of an :class:`ImageSet` batch (``x`` = its images, possibly augmented and moved)."""
+    if len(batch) > 3:
+        return net(x, batch[3].to(x.device, non_blocking=True))
+    return net(x)
 
 
 def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
@@ -149,12 +170,13 @@ def _card_template(cfg: TrainConfig, labels: tuple[str, ...], phantom: bool) -> 
         "calibration": {},
         "intended_use": intended,
         "demo": False,
+        "metadata_inputs": metadata_card_entry() if cfg.metadata else {},
     }
 
 
 def _initial_state(cfg: TrainConfig, labels: tuple[str, ...], scratch: Path) -> tuple[dict[str, torch.Tensor], str]:
     torch.manual_seed(cfg.seed)
-    net = build_network(IN_CHANNELS, len(labels))
+    net = build_network(IN_CHANNELS, len(labels), _metadata_features(cfg))
     if cfg.init is None:
         return net.state_dict(), f"random (torch.manual_seed({cfg.seed}))"
     kind, _, where = cfg.init.partition(":")
@@ -168,11 +190,20 @@ def _initial_state(cfg: TrainConfig, labels: tuple[str, ...], scratch: Path) -> 
     if card.in_channels != IN_CHANNELS:
         raise ModelError(f"init model takes {card.in_channels} channel(s); training uses {IN_CHANNELS} (imagenet)")
     state = load_network(src_dir, card).state_dict()
+    fresh = net.state_dict()
     if tuple(card.labels) != tuple(labels):  # keep the backbone, fresh head for another label set
-        fresh = net.state_dict()
         state["class_layers.out.weight"] = fresh["class_layers.out.weight"]
         state["class_layers.out.bias"] = fresh["class_layers.out.bias"]
+        state.pop(METADATA_WEIGHT, None)
+    if METADATA_WEIGHT in fresh:  # an image-only init: metadata weights start at zero (the init's outputs)
+        state.setdefault(METADATA_WEIGHT, fresh[METADATA_WEIGHT])
+    else:
+        state.pop(METADATA_WEIGHT, None)
     return state, f"{cfg.init} (sha256 {card.weights_sha256})"
+
+
+def _metadata_features(cfg: TrainConfig) -> int:
+    return len(METADATA_FEATURES) if cfg.metadata else 0
 
 
 def _loss_fn(cfg: TrainConfig, train: LabelledSet, device: torch.device) -> Callable[..., torch.Tensor]:
@@ -215,9 +246,9 @@ class Progress:
 def predict_logits(net: torch.nn.Module, loader: DataLoader, device: torch.device, amp: bool = False) -> np.ndarray:
     net.eval()
     out = []
-    for x, _, _ in loader:
+    for batch in loader:
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-            out.append(net(x.to(device, non_blocking=True)).float().cpu())
+            out.append(forward(net, batch[0].to(device, non_blocking=True), batch).float().cpu())
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 
@@ -270,13 +301,18 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
         prep_card = ModelCard(weights_file="weights.pt", weights_sha256="0" * 64, evaluation={}, **template)
         ckpt_path = out / CHECKPOINT_FILE
         start_epoch, history, best = 1, [], {"epoch": None, "val_mean_auroc": None}
+        if cfg.metadata and not train_set.metadata:
+            stream.write("--metadata: the data set has no age/sex/view columns; every image counts as unknown\n")
         torch.manual_seed(cfg.seed)
-        net = build_network(IN_CHANNELS, len(labels))
+        net = build_network(IN_CHANNELS, len(labels), _metadata_features(cfg))
         opt = torch.optim.Adam(net.parameters(), lr=cfg.lr, betas=(0.9, 0.999))
         if cfg.resume and ckpt_path.is_file():
             ckpt = torch.load(ckpt_path, map_location="cpu", weights_only=True)
             if tuple(ckpt["labels"]) != tuple(labels):
                 raise ModelError(f"checkpoint {ckpt_path} was trained on other labels")
+            if bool(ckpt.get("metadata", False)) != cfg.metadata:
+                raise ModelError(f"checkpoint {ckpt_path} was trained {'with' if ckpt.get('metadata') else 'without'} "
+                                 "--metadata; resume it the same way")
             net.load_state_dict(ckpt["model"])
             opt.load_state_dict(ckpt["optimizer"])
             start_epoch, history, best = int(ckpt["epoch"]) + 1, list(ckpt["history"]), dict(ckpt["best"])
@@ -299,7 +335,7 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
         stream.write(
             f"training {template['name']} on {cfg.dataset} ({cfg.split} split): {len(train_set)} train / "
             f"{len(val_set)} val images, {cfg.image_size} px, loss {cfg.loss}, device {device}"
-            f"{' (AMP)' if amp else ''}, seed {cfg.seed}\n"
+            f"{' (AMP)' if amp else ''}, seed {cfg.seed}{', metadata inputs (age, sex, view)' if cfg.metadata else ''}\n"
         )
         for epoch in range(start_epoch, cfg.epochs + 1):
             gen = torch.Generator().manual_seed(cfg.seed * 100_003 + epoch)
@@ -310,13 +346,14 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
             net.train()
             bar = Progress(stream, len(train_set), f"epoch {epoch}/{cfg.epochs}")
             t0, seen, loss_sum = time.perf_counter(), 0, 0.0
-            for x, y, m in loader:
+            for batch in loader:
+                x, y, m = batch[:3]
                 if cfg.augment:
                     x = augment(x, aug_gen)
                 x, y, m = x.to(device, non_blocking=True), y.to(device), m.to(device)
                 opt.zero_grad(set_to_none=True)
                 with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
-                    logits = net(x)
+                    logits = forward(net, x, batch)
                 loss = loss_fn(logits.float(), y, m)
                 scaler.scale(loss).backward()
                 scaler.step(opt)
@@ -354,7 +391,7 @@ def train(cfg: TrainConfig, *, stream: TextIO | None = None) -> dict[str, Any]:
             state_cpu = {k: v.detach().cpu() for k, v in net.state_dict().items()}
             _save_checkpoint(ckpt_path, {
                 "epoch": epoch, "model": state_cpu, "optimizer": _optimizer_cpu(opt), "history": history,
-                "best": best, "labels": list(labels), "init": init_note,
+                "best": best, "labels": list(labels), "init": init_note, "metadata": cfg.metadata,
             })
         summary = {
             "note": PHANTOM_NOTE if phantom else None,

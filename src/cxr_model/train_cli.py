@@ -44,7 +44,7 @@ def _run(args: argparse.Namespace, stream: TextIO) -> int:
             image_size=args.image_size, epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, loss=args.loss,
             focal_gamma=args.focal_gamma, init=args.init, seed=args.seed, resume=args.resume,
             uncertainty=args.uncertainty, augment=args.augment, device=args.device, workers=args.workers,
-            amp=args.amp, name=args.name, version=args.version,
+            amp=args.amp, name=args.name, version=args.version, metadata=args.metadata,
         )
         summary = train(cfg, stream=stream)
         best = summary["best"]
@@ -66,9 +66,10 @@ def _run(args: argparse.Namespace, stream: TextIO) -> int:
         from .evaluate import calibrate
 
         card = calibrate(args.model_dir, args.dataset, args.data_dir, split=args.split, scheme=args.scheme, seed=args.seed,
-                         uncertainty=args.uncertainty, specificity=args.specificity, batch_size=args.batch_size,
-                         device=args.device, stream=stream)
-        stream.write(f"wrote thresholds and temperatures into {Path(args.model_dir) / 'model_card.json'} "
+                         uncertainty=args.uncertainty, specificity=args.specificity, method=args.method,
+                         batch_size=args.batch_size, device=args.device, stream=stream)
+        fitted = "temperatures" if args.method == "temperature" else "Platt parameters (a, b)"
+        stream.write(f"wrote thresholds and {fitted} into {Path(args.model_dir) / 'model_card.json'} "
                      f"({card.name} {card.version}; weights unchanged, sha256 {card.weights_sha256})\n")
         return 0
     raise ModelError(f"unknown model command {cmd!r}")

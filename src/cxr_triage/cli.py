@@ -59,6 +59,7 @@ DATASETS = ("chestxray14", "chexpert")
 SPLIT_SCHEMES = ("official", "random")
 SPLIT_NAMES = ("train", "val", "test")
 LOSSES = ("bce", "weighted-bce", "focal")
+CALIBRATION_METHODS = ("temperature", "platt")
 
 
 def _add_training_parsers(model_sub: argparse._SubParsersAction) -> None:
@@ -86,11 +87,15 @@ def _add_training_parsers(model_sub: argparse._SubParsersAction) -> None:
     tr.add_argument("--no-amp", dest="amp", action="store_false", default=None, help="no mixed precision on CUDA")
     tr.add_argument("--name")
     tr.add_argument("--version")
+    tr.add_argument("--metadata", action="store_true",
+                    help="also feed patient age, sex and view position (AP/PA) to the classifier (off by default; "
+                         "DICOM inputs supply them, PNG/JPEG inputs count as unknown)")
 
     for name, default_split, helptext in (
         ("evaluate", "test", "ROC/reliability PNGs and metrics.json (AUROC with bootstrap CI, AUPRC, ECE, "
                              "operating points, Grad-CAM localisation vs a random map)"),
-        ("calibrate", "val", "fit per-finding temperatures and operating thresholds into the model card"),
+        ("calibrate", "val", "fit per-finding calibration (temperature or Platt) and operating thresholds into the "
+                             "model card"),
     ):
         p = model_sub.add_parser(name, help=helptext)
         p.add_argument("--model", required=True, type=Path, dest="model_dir")
@@ -109,6 +114,8 @@ def _add_training_parsers(model_sub: argparse._SubParsersAction) -> None:
         else:
             p.add_argument("--specificity", default=None,
                            help="fixed specificity instead of Youden's J: '0.9' for all or 'Nodule=0.95,Mass=0.9'")
+            p.add_argument("--method", default="temperature", choices=CALIBRATION_METHODS,
+                           help="temperature: sigmoid(logit / T); platt: sigmoid(a logit + b); per finding, by NLL")
 
     mp = model_sub.add_parser("make-phantoms", help="write synthetic phantoms in the ChestX-ray14 layout (pipeline tests)")
     mp.add_argument("out", type=Path)
@@ -169,12 +176,12 @@ def _predict(args: argparse.Namespace) -> int:
     import cxr_model
     from cxr_model import cli as model_cli
 
-    from .dicom_input import read_radiograph
+    from .dicom_input import read_radiograph_and_metadata
 
     settings = _settings()
     model_dir = args.model_dir or settings.model_path or cxr_model.bundled_demo_path()
     model = runtime.load_model_for(settings, model_dir)
-    records = model_cli.predict_records(args.files, model, heatmaps_dir=args.heatmaps_dir, read_image=read_radiograph)
+    records = model_cli.predict_records(args.files, model, heatmaps_dir=args.heatmaps_dir, read_image=read_radiograph_and_metadata)
     if args.as_json:
         print(json.dumps(records, indent=2))
     else:

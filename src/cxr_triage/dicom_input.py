@@ -1,4 +1,9 @@
-"""Reading a file for `cxr-triage predict`: DICOM through dicom_node's pixel path, else PNG/JPEG."""
+"""Reading a file for `cxr-triage predict`: DICOM through dicom_node's pixel path, else PNG/JPEG.
+
+DICOM files also bring the patient metadata a model trained with
+``--metadata`` takes (PatientAge, PatientSex, ViewPosition); PNG/JPEG files
+bring none, and such a model scores them with age, sex and view unknown.
+"""
 
 from __future__ import annotations
 
@@ -14,17 +19,22 @@ from dicom_node.pixels import PixelRefused, display_array
 
 
 def read_radiograph(path: Path) -> np.ndarray:
+    return read_radiograph_and_metadata(path)[0]
+
+
+def read_radiograph_and_metadata(path: Path) -> tuple[np.ndarray, cxr_model.ImageMetadata | None]:
+    """The display-ready image and, for DICOM, its age/sex/view (None for PNG/JPEG)."""
     path = Path(path)
     try:
         ds = pydicom.dcmread(path, force=path.suffix.lower() in {".dcm", ".dicom", ""})
         if "PixelData" not in ds and "SOPClassUID" not in ds:
             raise InvalidDicomError("not DICOM")
     except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError):
-        return cxr_model.load_image_file(path)
+        return cxr_model.load_image_file(path), None
     eligibility = check_eligibility(ds)
     if not eligibility.eligible:
         raise cxr_model.ImageRefused(eligibility.reason)
     try:
-        return display_array(ds)
+        return display_array(ds), cxr_model.metadata_from_dicom(ds)
     except PixelRefused as exc:
         raise cxr_model.ImageRefused(str(exc)) from exc

@@ -143,7 +143,7 @@ class Pipeline:
         model = self.model
         card: ModelCard = model.card
         algorithm = algorithm_info(card)
-        predictions = model.predict([s.display for s in selected], cams=True)
+        predictions = model.predict([s.display for s in selected], cams=True, metadata=[s.dataset for s in selected])
         image_results = [
             ImageResult(
                 sop_instance_uid=str(s.dataset.SOPInstanceUID),
