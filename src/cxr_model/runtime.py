@@ -79,6 +79,11 @@ class OnnxRuntime:
         opts.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
         opts.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
         opts.log_severity_level = 3
+        # ORT's pool spins after each run by default; PyTorch's threads (preprocessing, CAMs) then fight the
+        # spinning threads for the cores: the CAM matmul right after a run took 10.7 ms instead of 0.3, and
+        # predict() on a 2048^2 image 64 ms instead of 42 (2 threads each). Without spinning the forward
+        # pass itself measured the same (36-37 ms).
+        opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
         self.threads = threads
 
