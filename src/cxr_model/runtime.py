@@ -22,10 +22,14 @@ ceiling: fp32 has nothing left to gain there.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import hashlib
 import io
 import logging
+import os
 import warnings
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
@@ -173,23 +177,44 @@ def _cache_path(card: ModelCard, cache_dir: Path) -> Path:
 def build_onnx_runtime(
     net: torch.nn.Module, card: ModelCard, *, torch_rt: TorchRuntime, threads: int | None, cache_dir: Path | None
 ) -> OnnxRuntime:
-    """Load (or export and cache) the ONNX graph and check it against PyTorch; raise ModelError if unusable."""
+    """Load (or export and cache) the ONNX graph and check it against PyTorch; raise ModelError if unusable.
+
+    Processes that start together (the worker's pool) take turns on the cache
+    file, so one exports and the others load its graph.
+    """
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     path = _cache_path(card, cache)
-    if path.is_file():
+    with _cache_lock(path):
+        if path.is_file():
+            try:
+                rt = OnnxRuntime(path.read_bytes(), threads=threads)
+                _verify(rt, torch_rt, card)
+                log.debug("using cached ONNX graph %s", path)
+                return rt
+            except Exception as exc:
+                log.warning("cached ONNX graph %s is unusable (%s); exporting again", path, exc)
+        data = _export_bytes(net, card.in_channels, card.input_size)
+        rt = OnnxRuntime(data, threads=threads)
+        diff = _verify(rt, torch_rt, card)
+        log.info("exported %s %s to ONNX (scaled max logit difference vs torch %.1e)", card.name, card.version, diff)
         try:
-            rt = OnnxRuntime(path.read_bytes(), threads=threads)
-            _verify(rt, torch_rt, card)
-            log.debug("using cached ONNX graph %s", path)
-            return rt
-        except Exception as exc:
-            log.warning("cached ONNX graph %s is unusable (%s); exporting again", path, exc)
-    data = _export_bytes(net, card.in_channels, card.input_size)
-    rt = OnnxRuntime(data, threads=threads)
-    diff = _verify(rt, torch_rt, card)
-    log.info("exported %s %s to ONNX (scaled max logit difference vs torch %.1e)", card.name, card.version, diff)
+            write_bytes_atomic(path, data)
+        except OSError as exc:  # read-only home etc.: keep the in-memory graph
+            log.warning("cannot cache ONNX graph at %s (%s); using it from memory", path, exc)
+        return rt
+
+
+@contextlib.contextmanager
+def _cache_lock(path: Path) -> Iterator[None]:
+    """An exclusive advisory lock beside ``path``; no lock where the directory cannot be written."""
     try:
-        write_bytes_atomic(path, data)
-    except OSError as exc:  # read-only home etc.: keep the in-memory graph
-        log.warning("cannot cache ONNX graph at %s (%s); using it from memory", path, exc)
-    return rt
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd = os.open(f"{path}.lock", os.O_CREAT | os.O_RDWR, 0o644)
+    except OSError:
+        yield
+        return
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(fd)  # releases the lock

@@ -61,6 +61,11 @@ class TriageService:
         wait_until(lambda: self.process.poll() is None and http_json(f"{self.api}/health")["status"] == "ok",
                    90, what="the API to answer /health")
         wait_until(lambda: self.echo(), 30, what="the DICOM node to answer C-ECHO")
+        # Every model process loads the model at start (the first exports the ONNX graph); the latency
+        # measured below is then the running service's, not its start-up.
+        processes = int(self.env.get("CXR_TRIAGE_WORKER_CONCURRENCY", "1"))
+        wait_until(lambda: self.log_text().count(" loaded from ") >= processes, 180,
+                   what=f"{processes} model process(es) to load the model")
         return self
 
     def echo(self) -> bool:

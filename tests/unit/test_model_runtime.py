@@ -118,3 +118,39 @@ def test_onnx_session_options_and_threads(model_dir, tmp_path):
     assert torch.get_num_threads() == 1  # preprocessing and CAM mapping follow the same setting
     names = [o.name for o in model.backend.session.get_outputs()]
     assert names == ["logits", "features"]  # the CAM feature map comes out of the same run
+
+
+def _load_in_child(model_dir: str, cache_dir: str, queue) -> None:
+    import logging as child_logging
+
+    records: list[str] = []
+
+    class Keep(child_logging.Handler):
+        def emit(self, record):
+            records.append(record.getMessage())
+
+    child_logging.getLogger("cxr_model").addHandler(Keep())
+    child_logging.getLogger("cxr_model").setLevel(child_logging.DEBUG)
+    torch.set_num_threads(1)
+    model = load_model(model_dir, "onnx", cache_dir=cache_dir, threads=1)
+    queue.put((model.runtime, [m for m in records if "ONNX" in m]))
+
+
+def test_processes_starting_together_export_the_graph_once(model_dir, tmp_path):
+    """The worker's pool starts its model processes together: one exports, the others load the cached graph."""
+    import multiprocessing
+
+    ctx = multiprocessing.get_context("spawn")
+    queue = ctx.Queue()
+    children = [ctx.Process(target=_load_in_child, args=(str(model_dir), str(tmp_path), queue)) for _ in range(2)]
+    for child in children:
+        child.start()
+    results = [queue.get(timeout=180) for _ in children]
+    for child in children:
+        child.join(timeout=30)
+        assert child.exitcode == 0
+    assert [runtime for runtime, _ in results] == ["onnx", "onnx"]
+    messages = [m for _, logged in results for m in logged]
+    assert sum(m.startswith("exported ") for m in messages) == 1, messages
+    assert sum(m.startswith("using cached ONNX graph") for m in messages) == 1, messages
+    assert len(list(tmp_path.glob("*.onnx"))) == 1
