@@ -20,7 +20,10 @@ per-call times.  Then:
 
 - the CAM overhead on a real-sized 2048 x 2048 radiograph (one map read, all 14);
 - PyTorch bf16 + channels_last (full run only) with its largest probability
-  difference from fp32, as the reduced-precision candidate;
+  difference from fp32, as a reduced-precision candidate;
+- the opt-in ``onnx-int8`` runtime (static int8 quantisation of the ONNX
+  graph), against eager and ONNX fp32, with its largest probability shift and
+  changed decisions on the reference radiographs and the bench images;
 - two single-thread processes against one two-thread process at 224, with the
   worker settings that follow from the better one;
 - on CUDA, when present, fp32 and AMP (fp16) up to batch 256.
@@ -305,6 +308,42 @@ def bench_bf16(rec: Recorder, model_dir: Path, size: int, threads: int, args) ->
             f"{flips} decision flip(s) at 0.5 on the 8 bench images (not equal within 1e-4: never the default)")
 
 
+def bench_int8(rec: Recorder, model_dir: Path, cache: Path, size: int, threads: int, args) -> str:
+    """The opt-in ``onnx-int8`` runtime (static int8, calibrated on the bundled reference radiographs)."""
+    from cxr_model import load_image_file
+    from cxr_model.paths import reference_radiograph_paths
+
+    torch.set_num_threads(threads)
+    card = load_card(model_dir)
+    eager = LogitsAndFeatures(load_network(model_dir, card)).eval()
+    fp32 = load_model(model_dir, "onnx", cache_dir=cache, threads=threads)
+    int8 = load_model(model_dir, "onnx-int8", cache_dir=cache, threads=threads)
+    if int8.runtime != "onnx-int8":
+        return "int8: refused by its decision check for this model (see the log); nothing to measure"
+    images = [load_image_file(p) for p in reference_radiograph_paths()] + test_images(size, 8)
+    a, b = fp32.predict(images, cams=False), int8.predict(images, cams=False)
+    shift = max(abs(x.probabilities[k] - y.probabilities[k]) for x, y in zip(a, b) for k in card.labels)
+    flips = sum(x.positive != y.positive for x, y in zip(a, b))
+    x = np.stack([preprocess(im, card)[0] for im in test_images(size, 8)])
+    xt = torch.from_numpy(x)
+
+    def run_eager(n: int):
+        with torch.inference_mode():
+            return eager(xt[:n])
+
+    out = []
+    for batch in (1, 8):
+        sec = interleaved({"eager": lambda n=batch: run_eager(n), "onnx": lambda n=batch: fp32.backend.forward(x[:n]),
+                           "int8": lambda n=batch: int8.backend.forward(x[:n])},
+                          min_time=args.min_time, rounds=args.rounds)
+        rec.add(device="cpu", runtime="onnx-int8", precision="int8", size=size, batch=batch, mode="forward",
+                sec_per_batch=sec["int8"], threads=threads,
+                note=f"{sec['eager'] / sec['int8']:.2f}x eager fp32, {sec['onnx'] / sec['int8']:.2f}x onnx fp32")
+        out.append(f"b{batch} {sec['eager'] / sec['int8']:.2f}x eager ({sec['onnx'] / sec['int8']:.2f}x onnx fp32)")
+    return (f"onnx-int8 at {size}px (opt-in): " + ", ".join(out) + f"; on {len(images)} images (reference "
+            f"radiographs + bench images) max |p - p_fp32| {shift:.4f}, {flips} image(s) with a changed decision")
+
+
 def _worker(model_dir: str, cache: str, threads: int, seconds: float, barrier, queue) -> None:
     model = load_model(model_dir, "auto", cache_dir=cache, threads=threads)
     x = preprocess(test_images(model.card.input_size, 1)[0], model.card)[0][None]
@@ -454,6 +493,9 @@ def main(argv: list[str] | None = None) -> None:
             if not args.quick:
                 print("\nReduced precision candidate (eager PyTorch bf16 + channels_last, forward only):")
                 summary.append(bench_bf16(rec, model_dirs[first], first, threads, args))
+            print("\nReduced precision, opt-in (CXR_TRIAGE_MODEL_RUNTIME=onnx-int8; int8 rates are compared with the "
+                  "fp32 peak):")
+            summary.append(bench_int8(rec, model_dirs[first], cache, first, threads, args))
             if 224 in model_dirs and cores > 1:
                 print(f"\nCPU, 224px batch 1, default runtime: {cores} single-thread processes vs one "
                       f"{cores}-thread process (total images/s, alternated):")

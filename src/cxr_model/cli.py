@@ -120,7 +120,7 @@ def predict_records(
     """Score files one by one; a file that cannot be read is reported, never fatal."""
     reader = read_image or default_read_image
     card = model.card
-    model_info = {"name": card.name, "version": card.version, "demo": card.demo}
+    model_info = {"name": card.name, "version": card.version, "demo": card.demo, "runtime": model.runtime}
     records = []
     for raw in paths:
         path = Path(raw)

@@ -28,6 +28,7 @@ import hashlib
 import io
 import logging
 import os
+import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
@@ -90,6 +91,8 @@ class OnnxRuntime:
         opts.add_session_config_entry("session.intra_op.allow_spinning", "0")
         self.session = ort.InferenceSession(model_bytes, sess_options=opts, providers=["CPUExecutionProvider"])
         self.threads = threads
+        #: the graph, kept until an int8 graph has been made from it (then dropped)
+        self.model_bytes: bytes | None = model_bytes
 
     def forward(self, batch: np.ndarray, metadata: np.ndarray | None = None) -> tuple[np.ndarray, np.ndarray]:
         feeds = {"input": np.ascontiguousarray(batch, dtype=np.float32)}
@@ -218,3 +221,67 @@ def _cache_lock(path: Path) -> Iterator[None]:
         yield
     finally:
         os.close(fd)  # releases the lock
+
+
+def build_int8_runtime(
+    fp32: OnnxRuntime, card: ModelCard, *, calibration: np.ndarray, threads: int | None, cache_dir: Path | None
+) -> OnnxRuntime:
+    """An ONNX Runtime session of ``fp32``'s graph statically quantised to int8 (QDQ, per-channel weights).
+
+    Activation ranges come from ``calibration``, a (N, C, S, S) batch of
+    prepared radiographs; the graph is cached beside the fp32 one, keyed by
+    the calibration data. The caller decides whether its answers are close
+    enough (:func:`cxr_model.model.load_model` compares decisions).
+    """
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
+
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    calibration = np.ascontiguousarray(calibration, dtype=np.float32)
+    tag = hashlib.sha256(calibration.tobytes()).hexdigest()[:12]
+    base = _cache_path(card, cache)
+    path = base.with_name(f"{base.stem}-int8-{tag}.onnx")
+    with _cache_lock(path):
+        if path.is_file():
+            try:
+                return OnnxRuntime(path.read_bytes(), threads=threads)
+            except Exception as exc:
+                log.warning("cached int8 graph %s is unusable (%s); quantising again", path, exc)
+        if fp32.model_bytes is None:
+            raise ModelError("the fp32 graph is no longer at hand to quantise")
+        metadata = (np.zeros((1, card.metadata_features), dtype=np.float32) if card.takes_metadata else None)
+
+        class Reader(CalibrationDataReader):
+            def __init__(self) -> None:
+                self._rows = iter(range(len(calibration)))
+
+            def get_next(self):
+                i = next(self._rows, None)
+                if i is None:
+                    return None
+                feeds = {"input": calibration[i : i + 1]}
+                if metadata is not None:
+                    feeds["metadata"] = metadata
+                return feeds
+
+        root = logging.getLogger()
+        level = root.level
+        root.setLevel(logging.ERROR)  # the quantiser warns once per BatchNorm about per-channel axes
+        try:
+            with tempfile.TemporaryDirectory(prefix="cxr-int8-") as tmp:
+                src, pre, out = (Path(tmp) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+                src.write_bytes(fp32.model_bytes)
+                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+                quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+                data = out.read_bytes()
+        finally:
+            root.setLevel(level)
+        rt = OnnxRuntime(data, threads=threads)
+        log.info("quantised %s %s to int8 (calibrated on %d reference radiographs)", card.name, card.version,
+                 len(calibration))
+        try:
+            write_bytes_atomic(path, data)
+        except OSError as exc:
+            log.warning("cannot cache int8 graph at %s (%s); using it from memory", path, exc)
+        return rt

@@ -116,8 +116,8 @@ class Settings(BaseSettings):
     @field_validator("model_runtime")
     @classmethod
     def _runtime(cls, value: str) -> str:
-        if value not in {"auto", "torch", "onnx"}:
-            raise ValueError("model_runtime must be auto, torch or onnx")
+        if value not in {"auto", "torch", "onnx", "onnx-int8"}:
+            raise ValueError("model_runtime must be auto, torch, onnx or onnx-int8")
         return value
 
     @model_validator(mode="after")

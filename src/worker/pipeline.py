@@ -34,7 +34,8 @@ log = logging.getLogger(__name__)
 ACTOR = audit.SYSTEM_ACTORS["worker"]
 
 
-def algorithm_info(card: ModelCard) -> AlgorithmInfo:
+def algorithm_info(card: ModelCard, runtime: str = "") -> AlgorithmInfo:
+    """What the results say made them; ``precision`` tells an int8 runtime's (close, not equal) outputs apart."""
     return AlgorithmInfo(
         name=card.name,
         version=card.version,
@@ -44,6 +45,7 @@ def algorithm_info(card: ModelCard) -> AlgorithmInfo:
             "architecture": card.architecture,
             "input_size": str(card.input_size),
             "normalization": card.normalization,
+            "precision": "int8" if runtime.endswith("int8") else "fp32",
         },
     )
 
@@ -142,7 +144,7 @@ class Pipeline:
 
         model = self.model
         card: ModelCard = model.card
-        algorithm = algorithm_info(card)
+        algorithm = algorithm_info(card, getattr(model, "runtime", ""))
         predictions = model.predict([s.display for s in selected], cams=True, metadata=[s.dataset for s in selected])
         image_results = [
             ImageResult(

@@ -167,6 +167,10 @@ def test_chest_radiograph_comes_back_to_pacs_as_sr_and_heatmaps(service, orthanc
     check = subprocess.run(["dciodvfy", str(sr_path)], capture_output=True, text=True, timeout=60)
     errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
     assert not errors, "\n".join(errors)
+    # The default CPU runtime is int8 (its decisions checked against fp32's at load), and the SR says so.
+    assert "int8 runtime for" in service.log_text()
+    dump = subprocess.run(["dsrdump", str(sr_path)], capture_output=True, text=True, timeout=60).stdout
+    assert '"precision=int8"' in dump, dump[-3000:]
 
 
 def test_non_chest_input_is_skipped_with_reason_and_no_sr(service):

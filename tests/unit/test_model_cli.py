@@ -68,7 +68,8 @@ def test_predict_files_json_shape_and_statuses(demo_model, tmp_path):
     assert [r["status"] for r in records] == ["ok", "ok", "skipped", "skipped", "error"]
     for r in records:
         assert {"file", "status", "reason", "model", "probabilities", "positive"} <= set(r)
-        assert r["model"] == {"name": "cxr-triage-demo-densenet121", "version": "0.1.0-demo", "demo": True}
+        assert r["model"] == {"name": "cxr-triage-demo-densenet121", "version": "0.1.0-demo", "demo": True,
+                              "runtime": "torch"}
     ok = records[0]
     assert ok["file"] == str(NIH[0]) and ok["reason"] is None
     assert list(ok["probabilities"]) == list(FINDINGS)

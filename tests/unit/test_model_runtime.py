@@ -57,20 +57,25 @@ def test_onnx_equals_torch(model_dir, images, tmp_path):
             assert np.abs(a.cams[f] - b.cams[f]).max() < 1e-4
 
 
-def test_auto_uses_onnx_and_caches_the_export(model_dir, tmp_path, monkeypatch):
+def test_auto_uses_int8_onnx_and_caches_both_graphs(model_dir, tmp_path, monkeypatch):
+    import onnxruntime.quantization
+
     model = load_model(model_dir, "auto", cache_dir=tmp_path, threads=1)
-    assert model.runtime == "onnx"
-    cached = list(tmp_path.glob("*.onnx"))
-    assert len(cached) == 1 and cached[0].name.startswith(model.card.weights_sha256)
+    assert model.runtime == "onnx-int8"  # its decisions equalled fp32's on the reference radiographs
+    cached = sorted(tmp_path.glob("*.onnx"), key=lambda p: len(p.name))
+    assert len(cached) == 2 and all(p.name.startswith(model.card.weights_sha256) for p in cached)
+    assert "-int8-" in cached[1].name and "-int8-" not in cached[0].name
 
-    def no_export(*args, **kwargs):
-        raise AssertionError("the cached graph should have been reused")
+    def no_work(*args, **kwargs):
+        raise AssertionError("the cached graphs should have been reused")
 
-    monkeypatch.setattr(rt_module, "_export_bytes", no_export)
-    assert load_model(model_dir, "auto", cache_dir=tmp_path, threads=1).runtime == "onnx"
+    monkeypatch.setattr(rt_module, "_export_bytes", no_work)
+    monkeypatch.setattr(onnxruntime.quantization, "quantize_static", no_work)
+    assert load_model(model_dir, "auto", cache_dir=tmp_path, threads=1).runtime == "onnx-int8"
+    assert load_model(model_dir, "onnx", cache_dir=tmp_path, threads=1).runtime == "onnx"
     cached[0].write_bytes(b"corrupt")  # a damaged cache entry is re-exported, not trusted
     monkeypatch.undo()
-    assert load_model(model_dir, "auto", cache_dir=tmp_path, threads=1).runtime == "onnx"
+    assert load_model(model_dir, "onnx", cache_dir=tmp_path, threads=1).runtime == "onnx"
 
 
 def test_failed_export_falls_back_to_torch(model_dir, tmp_path, monkeypatch, caplog):

@@ -78,7 +78,7 @@ def test_empty_model_path_means_the_bundled_model(clean_env):
         ("CXR_TRIAGE_ALLOWED_CALLING_AETS", "OK,BAD\\AET", "invalid AE title"),
         ("CXR_TRIAGE_DICOM_PORT", "0", "greater than or equal to 1"),
         ("CXR_TRIAGE_SERIES_QUIET_SECONDS", "-1", "greater than or equal to 0"),
-        ("CXR_TRIAGE_MODEL_RUNTIME", "tensorrt", "auto, torch or onnx"),
+        ("CXR_TRIAGE_MODEL_RUNTIME", "tensorrt", "auto, torch, onnx or onnx-int8"),
     ],
 )
 def test_bad_values_stop_start_up_with_a_message(clean_env, name, value, message):
@@ -117,3 +117,9 @@ def test_worker_plan_follows_the_settings_then_the_machine(clean_env, env, cores
         clean_env.setenv(name, value)
     plan = worker_plan(Settings(), cores=cores, gpu=gpu)
     assert (plan.concurrency, plan.threads) == expected
+
+
+def test_model_runtime_names(clean_env):
+    for name in ("auto", "torch", "onnx", "onnx-int8"):
+        clean_env.setenv("CXR_TRIAGE_MODEL_RUNTIME", name)
+        assert Settings().model_runtime == name
