@@ -12,8 +12,8 @@ What it measures, at batch 1 and 8 and input sizes 224 and 512:
 - ``predict``: the whole ``Model.predict`` path with CAMs (preprocessing,
   forward, calibrated probabilities, CAM objects);
 
-for eager PyTorch fp32 (``torch.inference_mode``) and for the default runtime
-(ONNX Runtime fp32, whose logits equal PyTorch's within 1e-4), both with the
+for eager PyTorch fp32 (``torch.inference_mode``) and for ONNX Runtime fp32
+(whose logits equal PyTorch's within 1e-4), both with the
 same number of threads and measured in alternating rounds, so that the other
 users of these cores slow both alike.  Each number is the median of the
 per-call times.  Then:
@@ -21,8 +21,8 @@ per-call times.  Then:
 - the CAM overhead on a real-sized 2048 x 2048 radiograph (one map read, all 14);
 - PyTorch bf16 + channels_last (full run only) with its largest probability
   difference from fp32, as a reduced-precision candidate;
-- the opt-in ``onnx-int8`` runtime (static int8 quantisation of the ONNX
-  graph), against eager and ONNX fp32, with its largest probability shift and
+- the ``onnx-int8`` runtime (static int8 quantisation of the ONNX graph; the
+  service's CPU default when its decision check passes), against eager and ONNX fp32, with its largest probability shift and
   changed decisions on the reference radiographs and the bench images;
 - two single-thread processes against one two-thread process at 224, with the
   worker settings that follow from the better one;
@@ -218,9 +218,8 @@ def cams_for_batch(model, batch: np.ndarray, geos) -> None:
 def bench_cpu(rec: Recorder, model_dirs: dict[int, Path], cache: Path, threads: int, args) -> list[str]:
     summary = []
     for size, d in model_dirs.items():
-        models = {"eager": load_model(d, "torch", threads=threads), "onnx": load_model(d, "auto", cache_dir=cache,
+        models = {"eager": load_model(d, "torch", threads=threads), "onnx": load_model(d, "onnx", cache_dir=cache,
                                                                                      threads=threads)}
-        assert models["onnx"].runtime == "onnx", "the default runtime should be ONNX Runtime on this CPU"
         for batch in (1, 8):
             images = test_images(size, batch)
             prepared = [preprocess(im, models["eager"].card) for im in images]
@@ -239,7 +238,7 @@ def bench_cpu(rec: Recorder, model_dirs: dict[int, Path], cache: Path, threads: 
                     note = f"CAM overhead {100 * (s / sec[(name, 'forward')] - 1):+.1f}%"
                 if name == "onnx" and mode == "forward":
                     note = f"{sec[('eager', 'forward')] / s:.2f}x eager"
-                rec.add(device="cpu", runtime="eager" if name == "eager" else "onnx*", precision="fp32", size=size,
+                rec.add(device="cpu", runtime="eager" if name == "eager" else "onnx", precision="fp32", size=size,
                         batch=batch, mode=mode, sec_per_batch=s, threads=threads, note=note)
             summary.append(f"{size}px batch {batch}: ONNX Runtime {sec[('eager', 'forward')] / sec[('onnx', 'forward')]:.2f}x "
                            f"eager (forward), CAM overhead eager "
@@ -250,7 +249,7 @@ def bench_cpu(rec: Recorder, model_dirs: dict[int, Path], cache: Path, threads: 
 
 def bench_real_size_cams(rec: Recorder, model_dir: Path, cache: Path, threads: int, args) -> str:
     """CAMs mapped onto a 2048 x 2048 radiograph: the cost that grows with the image, not the network."""
-    model = load_model(model_dir, "auto", cache_dir=cache, threads=threads)
+    model = load_model(model_dir, "auto", cache_dir=cache, threads=threads)  # the service's default
     image = test_images(2048, 1)[0]
     x, geo = preprocess(image, model.card)
     batch = x[None]
@@ -268,7 +267,8 @@ def bench_real_size_cams(rec: Recorder, model_dir: Path, cache: Path, threads: i
     size = model.card.input_size
     for key, mode in (("forward", "forward"), ("one", "fwd+1 cam@2048"), ("all", "fwd+14 cams@2048")):
         note = "" if key == "forward" else f"CAM overhead {100 * (sec[key] / sec['forward'] - 1):+.1f}%"
-        rec.add(device="cpu", runtime="onnx*", precision="fp32", size=size, batch=1, mode=mode,
+        rec.add(device="cpu", runtime=model.runtime, precision="int8" if model.runtime.endswith("int8") else "fp32",
+                size=size, batch=1, mode=mode,
                 sec_per_batch=sec[key], threads=threads, note=note)
     return (f"2048x2048 radiograph, {size}px model: one CAM read {100 * (sec['one'] / sec['forward'] - 1):+.1f}%, "
             f"all 14 mapped {100 * (sec['all'] / sec['forward'] - 1):+.1f}% of the forward time")
@@ -324,7 +324,9 @@ def bench_int8(rec: Recorder, model_dir: Path, cache: Path, size: int, threads: 
     a, b = fp32.predict(images, cams=False), int8.predict(images, cams=False)
     shift = max(abs(x.probabilities[k] - y.probabilities[k]) for x, y in zip(a, b) for k in card.labels)
     flips = sum(x.positive != y.positive for x, y in zip(a, b))
-    x = np.stack([preprocess(im, card)[0] for im in test_images(size, 8)])
+    prepared = [preprocess(im, card) for im in test_images(size, 8)]
+    x = np.stack([p[0] for p in prepared])
+    geos = [p[1] for p in prepared]
     xt = torch.from_numpy(x)
 
     def run_eager(n: int):
@@ -334,18 +336,23 @@ def bench_int8(rec: Recorder, model_dir: Path, cache: Path, size: int, threads: 
     out = []
     for batch in (1, 8):
         sec = interleaved({"eager": lambda n=batch: run_eager(n), "onnx": lambda n=batch: fp32.backend.forward(x[:n]),
-                           "int8": lambda n=batch: int8.backend.forward(x[:n])},
+                           "int8": lambda n=batch: int8.backend.forward(x[:n]),
+                           "int8+cams": lambda n=batch: cams_for_batch(int8, x[:n], geos[:n])},
                           min_time=args.min_time, rounds=args.rounds)
         rec.add(device="cpu", runtime="onnx-int8", precision="int8", size=size, batch=batch, mode="forward",
                 sec_per_batch=sec["int8"], threads=threads,
                 note=f"{sec['eager'] / sec['int8']:.2f}x eager fp32, {sec['onnx'] / sec['int8']:.2f}x onnx fp32")
-        out.append(f"b{batch} {sec['eager'] / sec['int8']:.2f}x eager ({sec['onnx'] / sec['int8']:.2f}x onnx fp32)")
-    return (f"onnx-int8 at {size}px (opt-in): " + ", ".join(out) + f"; on {len(images)} images (reference "
+        cam = 100 * (sec["int8+cams"] / sec["int8"] - 1)
+        rec.add(device="cpu", runtime="onnx-int8", precision="int8", size=size, batch=batch, mode="forward+cams",
+                sec_per_batch=sec["int8+cams"], threads=threads, note=f"CAM overhead {cam:+.1f}%")
+        out.append(f"b{batch} {sec['eager'] / sec['int8']:.2f}x eager ({sec['onnx'] / sec['int8']:.2f}x onnx fp32), "
+                   f"CAMs {cam:+.1f}%")
+    return (f"onnx-int8 at {size}px (CPU default): " + ", ".join(out) + f"; on {len(images)} images (reference "
             f"radiographs + bench images) max |p - p_fp32| {shift:.4f}, {flips} image(s) with a changed decision")
 
 
 def _worker(model_dir: str, cache: str, threads: int, seconds: float, barrier, queue) -> None:
-    model = load_model(model_dir, "auto", cache_dir=cache, threads=threads)
+    model = load_model(model_dir, "auto", cache_dir=cache, threads=threads)  # the service's default
     x = preprocess(test_images(model.card.input_size, 1)[0], model.card)[0][None]
     model.backend.forward(x)
     barrier.wait()
@@ -353,7 +360,7 @@ def _worker(model_dir: str, cache: str, threads: int, seconds: float, barrier, q
     while time.perf_counter() - start < seconds:
         model.backend.forward(x)
         n += 1
-    queue.put((n, time.perf_counter() - start))
+    queue.put((n, time.perf_counter() - start, model.runtime))
 
 
 def bench_processes(rec: Recorder, model_dir: Path, cache: Path, cores: int, args) -> list[str]:
@@ -371,10 +378,12 @@ def bench_processes(rec: Recorder, model_dir: Path, cache: Path, cores: int, arg
             results = [queue.get(timeout=600) for _ in ps]
             for p in ps:
                 p.join()
-            totals[(procs, threads)].append(sum(n / t for n, t in results))
+            totals[(procs, threads)].append(sum(n / t for n, t, _ in results))
+            runtime = results[0][2]
     for (procs, threads), values in totals.items():
         ips = float(np.mean(values))
-        rec.add(device="cpu", runtime="onnx*", precision="fp32", size=224, batch=1, mode=f"{procs}proc x {threads}thr",
+        rec.add(device="cpu", runtime=runtime, precision="int8" if runtime.endswith("int8") else "fp32", size=224,
+                batch=1, mode=f"{procs}proc x {threads}thr",
                 sec_per_batch=1 / ips, threads=threads, processes=procs,
                 note="rounds: " + ", ".join(f"{v:.1f}" for v in values) + " img/s")
     many, one = (float(np.mean(totals[c])) for c in configs)
@@ -483,7 +492,7 @@ def main(argv: list[str] | None = None) -> None:
             model_dirs[size] = tmp_path / f"demo-{size}"
             build_demo_model(model_dirs[size], input_size=size)
         if not args.skip_cpu:
-            print(f"CPU, {threads} thread(s) for both runtimes (onnx* = ONNX Runtime fp32, the default runtime; "
+            print(f"CPU, {threads} thread(s) for both runtimes (onnx = ONNX Runtime fp32; "
                   "median per call; % of the assumed peak and of the measured 1-thread GEMM ceiling, "
                   "times the cores used):")
             summary += bench_cpu(rec, model_dirs, cache, threads, args)
@@ -493,11 +502,11 @@ def main(argv: list[str] | None = None) -> None:
             if not args.quick:
                 print("\nReduced precision candidate (eager PyTorch bf16 + channels_last, forward only):")
                 summary.append(bench_bf16(rec, model_dirs[first], first, threads, args))
-            print("\nReduced precision, opt-in (CXR_TRIAGE_MODEL_RUNTIME=onnx-int8; int8 rates are compared with the "
-                  "fp32 peak):")
+            print("\nONNX Runtime int8, the service's CPU default when its decision check passes (int8 rates are "
+                  "compared with the fp32 peak):")
             summary.append(bench_int8(rec, model_dirs[first], cache, first, threads, args))
             if 224 in model_dirs and cores > 1:
-                print(f"\nCPU, 224px batch 1, default runtime: {cores} single-thread processes vs one "
+                print(f"\nCPU, 224px batch 1, the service's default runtime: {cores} single-thread processes vs one "
                       f"{cores}-thread process (total images/s, alternated):")
                 summary += bench_processes(rec, model_dirs[224], cache, cores, args)
         if torch.cuda.is_available():
