@@ -29,6 +29,29 @@ def test_parametric_maps_are_stored_beside_the_heatmaps(env):  # noqa: F811
             ds = pydicom.dcmread(settings.results_dir / row.path)
             assert ds.SOPInstanceUID == row.sop_instance_uid and ds.SeriesInstanceUID == row.series_instance_uid
             assert row.finding in ds.ContentDescription
+        study_uid = str(pydicom.dcmread(CHEST, stop_before_pixels=True).StudyInstanceUID)
+
+    # The API serves them like the heatmaps: all as multipart/related, one by UID, each read audited.
+    from fastapi.testclient import TestClient
+
+    from dashboard_api.app import create_app
+    from tests.unit.test_api import parse_multipart
+    from triage_core.models import AuditEvent
+
+    with TestClient(create_app(settings, database)) as client:
+        response = client.get(f"/studies/{study_uid}/parametric-maps", headers={"X-User": "dr-test"})
+        assert response.status_code == 200
+        parts = parse_multipart(response.headers["content-type"], response.content)
+        got = sorted(pydicom.dcmread(pydicom.filebase.DicomBytesIO(body)).SOPInstanceUID for _, body in parts)
+        assert got == sorted(r.sop_instance_uid for r in maps.values())
+        one = next(iter(maps.values())).sop_instance_uid
+        response = client.get(f"/studies/{study_uid}/parametric-maps/{one}")
+        assert response.status_code == 200 and response.headers["content-type"] == "application/dicom"
+        heatmap_uid = next(iter(heatmaps.values())).sop_instance_uid
+        assert client.get(f"/studies/{study_uid}/parametric-maps/{heatmap_uid}").status_code == 404
+    with database.session() as session:
+        reads = session.scalars(select(AuditEvent).where(AuditEvent.action == "READ_PARAMETRIC_MAPS")).all()
+        assert [r.actor for r in reads][0] == "dr-test" and len(reads) == 2
 
 
 def test_parametric_maps_can_be_switched_off(env):  # noqa: F811

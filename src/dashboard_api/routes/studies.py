@@ -1,4 +1,4 @@
-"""One study: its detail, its Structured Report and its heatmaps."""
+"""One study: its detail, its Structured Report, its heatmaps and Parametric Maps."""
 
 from __future__ import annotations
 
@@ -92,6 +92,36 @@ def read_sr(session: SessionDep, settings: SettingsDep, actor: ActorDep, study: 
     )
 
 
+def _read_all(session, settings, actor, study, kind: ResultKind, noun: str, action: AuditAction
+              ) -> MultipartDicomResponse:
+    objects = crud.get_results(session=session, study=study, kind=kind)
+    if not objects:
+        raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study.study_instance_uid} has no {noun}s")
+    objects.sort(key=lambda r: r.id)
+    parts = [read_result_file(settings.results_dir, o) for o in objects]
+    audit.record(session, actor=actor, action=action, study=study, sop_instance_uids=[o.sop_instance_uid for o in objects])
+    return MultipartDicomResponse(parts)
+
+
+def _read_one(session, settings, actor, study, sop_instance_uid: str, kind: ResultKind, noun: str,
+              action: AuditAction) -> DicomResponse:
+    if not is_valid_uid(sop_instance_uid):
+        raise HTTPException(
+            status.HTTP_422_UNPROCESSABLE_CONTENT, f"{sop_instance_uid!r} is not a valid SOP Instance UID"
+        )
+    found = crud.get_results(session=session, study=study, kind=kind, sop_instance_uid=sop_instance_uid)
+    if not found:
+        raise HTTPException(
+            status.HTTP_404_NOT_FOUND, f"{noun} {sop_instance_uid} not found in study {study.study_instance_uid}"
+        )
+    content = read_result_file(settings.results_dir, found[0])
+    audit.record(session, actor=actor, action=action, study=study, sop_instance_uids=[sop_instance_uid])
+    return DicomResponse(
+        content=content,
+        headers={"Content-Disposition": f'attachment; filename="{sop_instance_uid}.dcm"'},
+    )
+
+
 @router.get(
     "/{study_instance_uid}/heatmaps",
     response_class=MultipartDicomResponse,
@@ -105,19 +135,7 @@ def read_heatmaps(session: SessionDep, settings: SettingsDep, actor: ActorDep, s
 
     The study detail lists their SOP Instance UIDs for retrieving one at a time.
     """
-    heatmaps = crud.get_results(session=session, study=study, kind=ResultKind.HEATMAP)
-    if not heatmaps:
-        raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study.study_instance_uid} has no heatmaps")
-    heatmaps.sort(key=lambda r: r.id)
-    parts = [read_result_file(settings.results_dir, h) for h in heatmaps]
-    audit.record(
-        session,
-        actor=actor,
-        action=AuditAction.READ_HEATMAPS,
-        study=study,
-        sop_instance_uids=[h.sop_instance_uid for h in heatmaps],
-    )
-    return MultipartDicomResponse(parts)
+    return _read_all(session, settings, actor, study, ResultKind.HEATMAP, "heatmap", AuditAction.READ_HEATMAPS)
 
 
 @router.get(
@@ -133,20 +151,37 @@ def read_heatmap(
     sop_instance_uid: Annotated[str, Path(description="SOP Instance UID of the heatmap", max_length=200)],
 ) -> DicomResponse:
     """One heatmap object as ``application/dicom``."""
-    if not is_valid_uid(sop_instance_uid):
-        raise HTTPException(
-            status.HTTP_422_UNPROCESSABLE_CONTENT, f"{sop_instance_uid!r} is not a valid SOP Instance UID"
-        )
-    found = crud.get_results(session=session, study=study, kind=ResultKind.HEATMAP, sop_instance_uid=sop_instance_uid)
-    if not found:
-        raise HTTPException(
-            status.HTTP_404_NOT_FOUND, f"heatmap {sop_instance_uid} not found in study {study.study_instance_uid}"
-        )
-    content = read_result_file(settings.results_dir, found[0])
-    audit.record(
-        session, actor=actor, action=AuditAction.READ_HEATMAPS, study=study, sop_instance_uids=[sop_instance_uid]
-    )
-    return DicomResponse(
-        content=content,
-        headers={"Content-Disposition": f'attachment; filename="{sop_instance_uid}.dcm"'},
-    )
+    return _read_one(session, settings, actor, study, sop_instance_uid, ResultKind.HEATMAP, "heatmap",
+                     AuditAction.READ_HEATMAPS)
+
+
+@router.get(
+    "/{study_instance_uid}/parametric-maps",
+    response_class=MultipartDicomResponse,
+    responses={
+        200: {"content": {MULTIPART_MEDIA_TYPE: {}}, "description": "All Parametric Maps, one DICOM file per part"},
+        **_NOT_FOUND,
+    },
+)
+def read_parametric_maps(session: SessionDep, settings: SettingsDep, actor: ActorDep, study: StudyDep
+                         ) -> MultipartDicomResponse:
+    """All Parametric Maps (the raw float CAMs, one per heatmap) as ``multipart/related; type="application/dicom"``."""
+    return _read_all(session, settings, actor, study, ResultKind.PARAMETRIC_MAP, "parametric map",
+                     AuditAction.READ_PARAMETRIC_MAPS)
+
+
+@router.get(
+    "/{study_instance_uid}/parametric-maps/{sop_instance_uid}",
+    response_class=DicomResponse,
+    responses={**_DICOM_FILE, **_NOT_FOUND},
+)
+def read_parametric_map(
+    session: SessionDep,
+    settings: SettingsDep,
+    actor: ActorDep,
+    study: StudyDep,
+    sop_instance_uid: Annotated[str, Path(description="SOP Instance UID of the Parametric Map", max_length=200)],
+) -> DicomResponse:
+    """One Parametric Map as ``application/dicom``."""
+    return _read_one(session, settings, actor, study, sop_instance_uid, ResultKind.PARAMETRIC_MAP, "parametric map",
+                     AuditAction.READ_PARAMETRIC_MAPS)
