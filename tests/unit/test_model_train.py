@@ -156,7 +156,8 @@ def test_trained_model_loads_and_predicts_in_the_service_paths(phantom_run, caps
     out = _run(capsys, "predict", str(phantom_png), str(PNG_DIR / "00000001_000.png"), "--model", str(model_dir), "--json")
     records = json.loads(out)
     assert [r["status"] for r in records] == ["ok", "ok"]
-    assert records[0]["model"] == {"name": model.card.name, "version": model.card.version, "demo": False}
+    assert records[0]["model"] == {"name": model.card.name, "version": model.card.version, "demo": False,
+                                   "runtime": "torch"}
     assert set(records[1]["probabilities"]) == set(FINDINGS)
 
 
