@@ -204,3 +204,17 @@ def one_torch_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+def run_cli(*argv: str) -> str:
+    """Run ``cxr-triage ARGV...`` in this process; assert exit status 0 and return what it printed."""
+    import contextlib
+    import io
+
+    from cxr_triage import cli
+
+    buf = io.StringIO()
+    with contextlib.redirect_stdout(buf):
+        rc = cli.main(list(argv))
+    assert rc == 0, buf.getvalue()
+    return buf.getvalue()

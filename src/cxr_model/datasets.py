@@ -20,11 +20,12 @@ column and one column per observation holding 1, 0, -1 (uncertain) or empty.
 
 from __future__ import annotations
 
+import contextlib
 import csv
 import gzip
 import io
 import re
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -139,10 +140,17 @@ class LabelledSet:
 # --------------------------------------------------------------------------- CSV helpers
 
 
-def _open_text(path: Path) -> io.TextIOBase:
-    if path.suffix == ".gz":
-        return io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="")
-    return open(path, encoding="utf-8", newline="")
+@contextlib.contextmanager
+def _csv(path: Path) -> Iterator[tuple[list[str], Iterator[list[str]]]]:
+    """(header, remaining rows) of a CSV file, optionally gzipped; an empty file raises ModelError."""
+    fh = (io.TextIOWrapper(gzip.open(path, "rb"), encoding="utf-8", newline="") if path.suffix == ".gz"
+          else open(path, encoding="utf-8", newline=""))
+    with fh:
+        reader = csv.reader(fh)
+        header = next(reader, None)
+        if header is None:
+            raise ModelError(f"{path} is empty")
+        yield header, reader
 
 
 def _norm(col: str) -> str:
@@ -182,12 +190,7 @@ def read_nih_entries(path: str | Path) -> list[NihEntry]:
     path = Path(path)
     known = set(FINDINGS)
     entries = []
-    with _open_text(path) as fh:
-        reader = csv.reader(fh)
-        try:
-            header = next(reader)
-        except StopIteration:
-            raise ModelError(f"{path} is empty") from None
+    with _csv(path) as (header, reader):
         c_img = _column(header, "Image Index", path=path)
         c_lab = _column(header, "Finding Labels", path=path)
         c_pat = _column(header, "Patient ID", path=path)
@@ -219,11 +222,7 @@ def read_nih_boxes(path: str | Path) -> list[Box]:
     """Parse BBox_List_2017.csv (optionally .gz): image, finding, x, y, w, h."""
     path = Path(path)
     boxes = []
-    with _open_text(path) as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise ModelError(f"{path} is empty")
+    with _csv(path) as (header, reader):
         c_img = _column(header, "Image Index", path=path)
         c_lab = _column(header, "Finding Label", path=path)
         c_box = next((i for i, h in enumerate(header) if _norm(h).startswith("bbox")), None)
@@ -426,11 +425,7 @@ def read_chexpert_csv(
     path = Path(path)
     data_dir = Path(data_dir) if data_dir is not None else path.parent
     policies = parse_uncertainty(uncertainty)
-    with _open_text(path) as fh:
-        reader = csv.reader(fh)
-        header = next(reader, None)
-        if header is None:
-            raise ModelError(f"{path} is empty")
+    with _csv(path) as (header, reader):
         c_path = _column(header, "Path", path=path)
         cols = [_column(header, c, path=path) for c in CHEXPERT_COLUMNS]
         c_front = _optional_column(header, "Frontal/Lateral")

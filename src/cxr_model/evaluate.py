@@ -177,6 +177,22 @@ def localization_metrics(model_dir: str | Path, card: ModelCard, data: LabelledS
     }
 
 
+def _model_splits(model_dir: str | Path, dataset: str, data_dir: str | Path, scheme: str | None, seed: int | None,
+                  uncertainty: str, stream: TextIO
+                  ) -> tuple[str, int, dict[str, LabelledSet], list[Box], dict[str, object] | None]:
+    """The splits the model was trained with (scheme and seed from its card unless given), the boxes and the
+    phantom manifest (None for real data); says so when the data are synthetic phantoms."""
+    card = load_card(model_dir)
+    trained = card.provenance.get("config", {}) if isinstance(card.provenance.get("config"), Mapping) else {}
+    scheme = scheme or trained.get("split", "official")
+    seed = int(seed if seed is not None else trained.get("seed", 0))
+    splits, boxes = load_splits(dataset, data_dir, scheme=scheme, seed=seed, uncertainty=uncertainty)
+    manifest = read_manifest(data_dir)
+    if manifest is not None:
+        stream.write(f"*** {PHANTOM_NOTE} ***\n")
+    return scheme, seed, splits, boxes, manifest
+
+
 def evaluate(model_dir: str | Path, dataset: str, data_dir: str | Path, out_dir: str | Path, *, split: str = "test",
              scheme: str | None = None, seed: int | None = None, uncertainty: str = "ignore", n_boot: int = 1000,
              batch_size: int = 16, device: str | None = None, stream: TextIO | None = None) -> dict[str, Any]:
@@ -184,15 +200,8 @@ def evaluate(model_dir: str | Path, dataset: str, data_dir: str | Path, out_dir:
     stream = stream or sys.stdout
     if split not in SPLIT_NAMES:
         raise ModelError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
-    card = load_card(model_dir)
-    trained = card.provenance.get("config", {}) if isinstance(card.provenance.get("config"), Mapping) else {}
-    scheme = scheme or trained.get("split", "official")
-    seed = int(seed if seed is not None else trained.get("seed", 0))
-    manifest = read_manifest(data_dir)
-    splits, boxes = load_splits(dataset, data_dir, scheme=scheme, seed=seed, uncertainty=uncertainty)
+    scheme, seed, splits, boxes, manifest = _model_splits(model_dir, dataset, data_dir, scheme, seed, uncertainty, stream)
     data = splits[split]
-    if manifest is not None:
-        stream.write(f"*** {PHANTOM_NOTE} ***\n")
     card, logits = score_split(model_dir, data, batch_size=batch_size, device=device)
     names, y, m, z = _aligned(card, data, logits)
     cls = classification_metrics(card, names, y, m, z, n_boot=n_boot, seed=seed)
@@ -282,14 +291,7 @@ def calibrate(model_dir: str | Path, dataset: str, data_dir: str | Path, *, spli
     stream = stream or sys.stdout
     if method not in CALIBRATION_METHODS:
         raise ModelError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
-    card = load_card(model_dir)
-    trained = card.provenance.get("config", {}) if isinstance(card.provenance.get("config"), Mapping) else {}
-    scheme = scheme or trained.get("split", "official")
-    seed = int(seed if seed is not None else trained.get("seed", 0))
-    manifest = read_manifest(data_dir)
-    if manifest is not None:
-        stream.write(f"*** {PHANTOM_NOTE} ***\n")
-    splits, _ = load_splits(dataset, data_dir, scheme=scheme, seed=seed, uncertainty=uncertainty)
+    scheme, seed, splits, _, manifest = _model_splits(model_dir, dataset, data_dir, scheme, seed, uncertainty, stream)
     data = splits[split]
     card, logits = score_split(model_dir, data, batch_size=batch_size, device=device)
     names, y, m, z = _aligned(card, data, logits)

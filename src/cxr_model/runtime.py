@@ -30,7 +30,7 @@ import logging
 import os
 import tempfile
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
@@ -180,30 +180,41 @@ def _cache_path(card: ModelCard, cache_dir: Path) -> Path:
 def build_onnx_runtime(
     net: torch.nn.Module, card: ModelCard, *, torch_rt: TorchRuntime, threads: int | None, cache_dir: Path | None
 ) -> OnnxRuntime:
-    """Load (or export and cache) the ONNX graph and check it against PyTorch; raise ModelError if unusable.
+    """Load (or export and cache) the ONNX graph and check it against PyTorch; raise ModelError if unusable."""
+    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    return _cached_session(
+        _cache_path(card, cache), "ONNX graph", threads=threads,
+        build=lambda: _export_bytes(net, card.in_channels, card.input_size),
+        check=lambda rt: _verify(rt, torch_rt, card),
+        built=lambda diff: log.info("exported %s %s to ONNX (scaled max logit difference vs torch %.1e)",
+                                    card.name, card.version, diff),
+    )
+
+
+def _cached_session(path: Path, what: str, *, threads: int | None, build: Callable[[], bytes],
+                    check: Callable[[OnnxRuntime], object], built: Callable[[object], None]) -> OnnxRuntime:
+    """A session of the graph cached at ``path`` if it passes ``check``, else of ``build()``'s graph, which must
+    pass ``check`` (``built`` gets its result) and is then cached.
 
     Processes that start together (the worker's pool) take turns on the cache
-    file, so one exports and the others load its graph.
+    file, so one builds the graph and the others load it.
     """
-    cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
-    path = _cache_path(card, cache)
     with _cache_lock(path):
         if path.is_file():
             try:
                 rt = OnnxRuntime(path.read_bytes(), threads=threads)
-                _verify(rt, torch_rt, card)
-                log.debug("using cached ONNX graph %s", path)
+                check(rt)
+                log.debug("using cached %s %s", what, path)
                 return rt
             except Exception as exc:
-                log.warning("cached ONNX graph %s is unusable (%s); exporting again", path, exc)
-        data = _export_bytes(net, card.in_channels, card.input_size)
+                log.warning("cached %s %s is unusable (%s); making it again", what, path, exc)
+        data = build()
         rt = OnnxRuntime(data, threads=threads)
-        diff = _verify(rt, torch_rt, card)
-        log.info("exported %s %s to ONNX (scaled max logit difference vs torch %.1e)", card.name, card.version, diff)
+        built(check(rt))
         try:
             write_bytes_atomic(path, data)
         except OSError as exc:  # read-only home etc.: keep the in-memory graph
-            log.warning("cannot cache ONNX graph at %s (%s); using it from memory", path, exc)
+            log.warning("cannot cache %s at %s (%s); using it from memory", what, path, exc)
         return rt
 
 
@@ -233,55 +244,50 @@ def build_int8_runtime(
     the calibration data. The caller decides whether its answers are close
     enough (:func:`cxr_model.model.load_model` compares decisions).
     """
-    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
-    from onnxruntime.quantization.shape_inference import quant_pre_process
-
     cache = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     calibration = np.ascontiguousarray(calibration, dtype=np.float32)
     tag = hashlib.sha256(calibration.tobytes()).hexdigest()[:12]
     base = _cache_path(card, cache)
-    path = base.with_name(f"{base.stem}-int8-{tag}.onnx")
-    with _cache_lock(path):
-        if path.is_file():
-            try:
-                return OnnxRuntime(path.read_bytes(), threads=threads)
-            except Exception as exc:
-                log.warning("cached int8 graph %s is unusable (%s); quantising again", path, exc)
-        if fp32.model_bytes is None:
-            raise ModelError("the fp32 graph is no longer at hand to quantise")
-        metadata = (np.zeros((1, card.metadata_features), dtype=np.float32) if card.takes_metadata else None)
+    return _cached_session(
+        base.with_name(f"{base.stem}-int8-{tag}.onnx"), "int8 graph", threads=threads,
+        build=lambda: _quantize(fp32, card, calibration),
+        check=lambda rt: None,
+        built=lambda _: log.info("quantised %s %s to int8 (calibrated on %d reference radiographs)", card.name,
+                                 card.version, len(calibration)),
+    )
 
-        class Reader(CalibrationDataReader):
-            def __init__(self) -> None:
-                self._rows = iter(range(len(calibration)))
 
-            def get_next(self):
-                i = next(self._rows, None)
-                if i is None:
-                    return None
-                feeds = {"input": calibration[i : i + 1]}
-                if metadata is not None:
-                    feeds["metadata"] = metadata
-                return feeds
+def _quantize(fp32: OnnxRuntime, card: ModelCard, calibration: np.ndarray) -> bytes:
+    from onnxruntime.quantization import CalibrationDataReader, QuantFormat, QuantType, quantize_static
+    from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        root = logging.getLogger()
-        level = root.level
-        root.setLevel(logging.ERROR)  # the quantiser warns once per BatchNorm about per-channel axes
-        try:
-            with tempfile.TemporaryDirectory(prefix="cxr-int8-") as tmp:
-                src, pre, out = (Path(tmp) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
-                src.write_bytes(fp32.model_bytes)
-                quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
-                quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
-                                activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
-                data = out.read_bytes()
-        finally:
-            root.setLevel(level)
-        rt = OnnxRuntime(data, threads=threads)
-        log.info("quantised %s %s to int8 (calibrated on %d reference radiographs)", card.name, card.version,
-                 len(calibration))
-        try:
-            write_bytes_atomic(path, data)
-        except OSError as exc:
-            log.warning("cannot cache int8 graph at %s (%s); using it from memory", path, exc)
-        return rt
+    if fp32.model_bytes is None:
+        raise ModelError("the fp32 graph is no longer at hand to quantise")
+    metadata = np.zeros((1, card.metadata_features), dtype=np.float32) if card.takes_metadata else None
+
+    class Reader(CalibrationDataReader):
+        def __init__(self) -> None:
+            self._rows = iter(range(len(calibration)))
+
+        def get_next(self):
+            i = next(self._rows, None)
+            if i is None:
+                return None
+            feeds = {"input": calibration[i : i + 1]}
+            if metadata is not None:
+                feeds["metadata"] = metadata
+            return feeds
+
+    root = logging.getLogger()
+    level = root.level
+    root.setLevel(logging.ERROR)  # the quantiser warns once per BatchNorm about per-channel axes
+    try:
+        with tempfile.TemporaryDirectory(prefix="cxr-int8-") as tmp:
+            src, pre, out = (Path(tmp) / name for name in ("fp32.onnx", "pre.onnx", "int8.onnx"))
+            src.write_bytes(fp32.model_bytes)
+            quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+            quantize_static(str(pre), str(out), Reader(), quant_format=QuantFormat.QDQ, per_channel=True,
+                            activation_type=QuantType.QUInt8, weight_type=QuantType.QInt8)
+            return out.read_bytes()
+    finally:
+        root.setLevel(level)

@@ -341,20 +341,18 @@ class _SRTemplate:
         return container
 
     def _encoded_group(self, source: pydicom.Dataset, finding: FindingResult) -> bytes:
-        key = (finding.finding, float(finding.threshold), bool(finding.present))
+        key, (sop_class, sop_instance, tracking_uid, tracking_id, fp, ds) = self._group_values(source, finding)
         template = self._encoded.get(key)
         if template is None:
             template = self._encoded[key] = _EncodedItem(_placeholder_group(self.algorithm, *key)[0])
-        sop_instance_uid = str(source.SOPInstanceUID)
-        probability = float(finding.probability)
         return template.encode(
             {
-                _REFERENCED_SOP_CLASS_UID: str(source.SOPClassUID),
-                _REFERENCED_SOP_INSTANCE_UID: sop_instance_uid,
-                _UID: result_uid(sop_instance_uid, self.algorithm, f"tracking:{finding.finding}"),
-                _TEXT_VALUE: f"{finding.finding} on image {sop_instance_uid}",
-                _FLOATING_POINT_VALUE: probability,
-                _NUMERIC_VALUE: DS(probability, auto_format=True),
+                _REFERENCED_SOP_CLASS_UID: sop_class,
+                _REFERENCED_SOP_INSTANCE_UID: sop_instance,
+                _UID: tracking_uid,
+                _TEXT_VALUE: tracking_id,
+                _FLOATING_POINT_VALUE: fp,
+                _NUMERIC_VALUE: ds,
             }
         )
 
@@ -363,21 +361,35 @@ class _SRTemplate:
 
     def group(self, source: pydicom.Dataset, finding: FindingResult) -> pydicom.Dataset:
         """The TID 1501 group of `finding` on `source`."""
-        key = (finding.finding, float(finding.threshold), bool(finding.present))
+        key, (sop_class, sop_instance, tracking_uid, tracking_id, fp, ds) = self._group_values(source, finding)
         template = self._groups.get(key)
         if template is None:
             template = self._groups[key] = _Frozen(_placeholder_group(self.algorithm, *key)[0])
-        sop_instance_uid = str(source.SOPInstanceUID)
-        probability = float(finding.probability)
         return template.copy(
             {
-                _PH_SOP_CLASS: str(source.SOPClassUID),
-                _PH_SOP_INSTANCE: sop_instance_uid,
-                _PH_TRACKING_UID: result_uid(sop_instance_uid, self.algorithm, f"tracking:{finding.finding}"),
-                _PH_TRACKING_ID: f"{finding.finding} on image {sop_instance_uid}",
-                _FLOATING_POINT_VALUE: probability,
-                _NUMERIC_VALUE: DS(probability, auto_format=True),
+                _PH_SOP_CLASS: sop_class,
+                _PH_SOP_INSTANCE: sop_instance,
+                _PH_TRACKING_UID: tracking_uid,
+                _PH_TRACKING_ID: tracking_id,
+                _FLOATING_POINT_VALUE: fp,
+                _NUMERIC_VALUE: ds,
             }
+        )
+
+    def _group_values(self, source: pydicom.Dataset, finding: FindingResult
+                      ) -> tuple[tuple[str, float, bool], tuple[str, str, str, str, float, DS]]:
+        """The template key (finding, threshold, present) and the per-study values of a group: referenced SOP
+        class and instance, tracking UID and identifier, probability as FD and as DS."""
+        key = (finding.finding, float(finding.threshold), bool(finding.present))
+        sop_instance_uid = str(source.SOPInstanceUID)
+        probability = float(finding.probability)
+        return key, (
+            str(source.SOPClassUID),
+            sop_instance_uid,
+            result_uid(sop_instance_uid, self.algorithm, f"tracking:{finding.finding}"),
+            f"{finding.finding} on image {sop_instance_uid}",
+            probability,
+            DS(probability, auto_format=True),
         )
 
 

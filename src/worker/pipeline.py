@@ -144,7 +144,7 @@ class Pipeline:
 
         model = self.model
         card: ModelCard = model.card
-        algorithm = algorithm_info(card, getattr(model, "runtime", ""))
+        algorithm = algorithm_info(card, model.runtime)
         predictions = model.predict([s.display for s in selected], cams=True, metadata=[s.dataset for s in selected])
         image_results = [
             ImageResult(

@@ -6,7 +6,6 @@ these cases skip, unless CXR_TRIAGE_REQUIRE_SERVICES=1, where they fail.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import sys
 import uuid
@@ -22,6 +21,7 @@ from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 from sqlalchemy import select
 
 from dashboard_api.app import create_app
+from tests.conftest import need
 from triage_core.db import Database
 from triage_core.models import AuditEvent, Base, Export, Finding, Instance, Job, ResultObject, Study
 from triage_core.settings import Settings
@@ -59,9 +59,7 @@ HIGH_PROBABILITIES = {"Pneumothorax": 0.91, "Effusion": 0.72, "Cardiomegaly": 0.
 
 
 def _postgres_unavailable(reason: str) -> None:
-    if os.environ.get("CXR_TRIAGE_REQUIRE_SERVICES") == "1":
-        pytest.fail(f"PostgreSQL required (CXR_TRIAGE_REQUIRE_SERVICES=1) but {reason}")
-    pytest.skip(f"PostgreSQL not reachable on 127.0.0.1:5432 as user postgres ({reason})")
+    need(False, f"PostgreSQL not reachable on 127.0.0.1:5432 as user postgres ({reason})")
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])

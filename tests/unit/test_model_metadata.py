@@ -46,6 +46,7 @@ from cxr_model.preprocess import preprocess
 from cxr_model.store import write_model_dir
 from cxr_triage import cli
 from cxr_triage.dicom_input import read_radiograph_and_metadata
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -252,15 +253,8 @@ def test_image_only_model_ignores_metadata(image):
 def test_train_with_metadata_gives_a_model_both_runtimes_load(tmp_path):
     data, out = tmp_path / "data", tmp_path / "model"
 
-    def run(*argv):
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            rc = cli.main(list(argv))
-        assert rc == 0, buf.getvalue()
-        return buf.getvalue()
-
-    run("model", "make-phantoms", str(data), "--n", "40", "--size", str(SIZE), "--seed", "2")
-    log = run("model", "train", "--dataset", "chestxray14", "--data-dir", str(data), "--out", str(out),
+    run_cli("model", "make-phantoms", str(data), "--n", "40", "--size", str(SIZE), "--seed", "2")
+    log = run_cli("model", "train", "--dataset", "chestxray14", "--data-dir", str(data), "--out", str(out),
               "--image-size", str(SIZE), "--epochs", "1", "--batch-size", "8", "--split", "random", "--metadata")
     assert "metadata inputs (age, sex, view)" in log
     card = load_card(out)
@@ -278,9 +272,9 @@ def test_train_with_metadata_gives_a_model_both_runtimes_load(tmp_path):
         assert max(abs(a.probabilities[f] - b.probabilities[f]) for f in FINDINGS) < 1e-4
         assert np.abs(a.cams.stack() - b.cams.stack()).max() < 1e-4
     # calibrate and evaluate score the splits with each image's metadata (CAM localisation included).
-    run("model", "calibrate", "--model", str(out), "--dataset", "chestxray14", "--data-dir", str(data),
+    run_cli("model", "calibrate", "--model", str(out), "--dataset", "chestxray14", "--data-dir", str(data),
         "--split", "train")
-    run("model", "evaluate", "--model", str(out), "--dataset", "chestxray14", "--data-dir", str(data),
+    run_cli("model", "evaluate", "--model", str(out), "--dataset", "chestxray14", "--data-dir", str(data),
         "--split", "test", "--scheme", "official", "--out", str(tmp_path / "report"), "--bootstrap", "20")
     metrics = json.loads((tmp_path / "report" / "metrics.json").read_text())
     assert metrics["ece"]["calibrated"] and metrics["localization"] is not None

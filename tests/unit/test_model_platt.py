@@ -5,8 +5,6 @@ Synthetic phantoms in the end-to-end test: tests of the pipeline, not clinical c
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 import shutil
 
@@ -31,6 +29,7 @@ from cxr_model.metrics import (
 )
 from cxr_model.phantoms import DRAWN_FINDINGS, draw_phantom
 from cxr_triage import cli
+from tests.conftest import run_cli
 
 pytestmark = pytest.mark.usefixtures("one_torch_thread")
 
@@ -120,19 +119,12 @@ def test_model_applies_platt_from_the_card(tmp_path):
 def test_calibrate_method_platt_writes_the_card_and_the_model_applies_it(tmp_path):
     data, model_dir, raw_dir, report = tmp_path / "data", tmp_path / "model", tmp_path / "raw", tmp_path / "report"
 
-    def run(*argv):
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            rc = cli.main(list(argv))
-        assert rc == 0, buf.getvalue()
-        return buf.getvalue()
-
-    run("model", "make-phantoms", str(data), "--n", "40", "--size", "64", "--seed", "4")
-    run("model", "train", "--dataset", "chestxray14", "--data-dir", str(data), "--out", str(model_dir),
+    run_cli("model", "make-phantoms", str(data), "--n", "40", "--size", "64", "--seed", "4")
+    run_cli("model", "train", "--dataset", "chestxray14", "--data-dir", str(data), "--out", str(model_dir),
         "--image-size", "64", "--epochs", "1", "--batch-size", "8", "--split", "random", "--no-augment")
     shutil.copytree(model_dir, raw_dir)
     # The training split: a 40-image phantom set's validation split is too small to hold both classes.
-    log = run("model", "calibrate", "--model", str(model_dir), "--dataset", "chestxray14", "--data-dir", str(data),
+    log = run_cli("model", "calibrate", "--model", str(model_dir), "--dataset", "chestxray14", "--data-dir", str(data),
               "--split", "train", "--method", "platt")
     assert "Platt parameters" in log and " a=" in log
     after = load_card(model_dir)
@@ -154,7 +146,7 @@ def test_calibrate_method_platt_writes_the_card_and_the_model_applies_it(tmp_pat
             else:
                 assert c.probabilities[f] == p
         assert set(c.positive) == {f for f in FINDINGS if c.probabilities[f] >= after.thresholds[f]}
-    run("model", "evaluate", "--model", str(model_dir), "--dataset", "chestxray14", "--data-dir", str(data),
+    run_cli("model", "evaluate", "--model", str(model_dir), "--dataset", "chestxray14", "--data-dir", str(data),
         "--split", "test", "--out", str(report), "--bootstrap", "20")
     metrics = json.loads((report / "metrics.json").read_text())
     assert metrics["ece"]["calibrated"] is True

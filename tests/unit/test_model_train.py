@@ -8,8 +8,6 @@ is 2 x 2), that is bench/train_bench.py's job at 224 px.
 
 from __future__ import annotations
 
-import contextlib
-import io
 import json
 from pathlib import Path
 
@@ -25,6 +23,7 @@ from cxr_model.losses import LOSSES
 from cxr_model.phantoms import DRAWN_FINDINGS, PHANTOM_NOTE, draw_phantom, read_manifest
 from cxr_model.train import CHECKPOINT_FILE
 from cxr_triage import cli
+from tests.conftest import run_cli
 
 PNG_DIR = Path(__file__).resolve().parents[1] / "data" / "png"
 REQUIRED_KEYS = {"auroc", "auroc_ci95", "mean_auroc", "auprc", "operating_points", "ece", "localization"}
@@ -45,20 +44,13 @@ def phantom_run(tmp_path_factory):
     data, model, report = root / "data", root / "model", root / "report"
     logs = {}
 
-    def run(*argv):
-        buf = io.StringIO()
-        with contextlib.redirect_stdout(buf):
-            rc = cli.main(list(argv))
-        assert rc == 0, buf.getvalue()
-        return buf.getvalue()
-
-    logs["phantoms"] = run("model", "make-phantoms", str(data), "--n", "480", "--size", "64", "--seed", "0")
-    logs["train"] = run("model", "train", "--dataset", "chestxray14", "--data-dir", str(data), "--out", str(model),
+    logs["phantoms"] = run_cli("model", "make-phantoms", str(data), "--n", "480", "--size", "64", "--seed", "0")
+    logs["train"] = run_cli("model", "train", "--dataset", "chestxray14", "--data-dir", str(data), "--out", str(model),
                         "--image-size", "64", "--epochs", "4", "--batch-size", "16", "--seed", "0")
     card_before = load_card(model)
-    logs["calibrate"] = run("model", "calibrate", "--model", str(model), "--dataset", "chestxray14", "--data-dir",
+    logs["calibrate"] = run_cli("model", "calibrate", "--model", str(model), "--dataset", "chestxray14", "--data-dir",
                             str(data), "--split", "val")
-    logs["evaluate"] = run("model", "evaluate", "--model", str(model), "--dataset", "chestxray14", "--data-dir",
+    logs["evaluate"] = run_cli("model", "evaluate", "--model", str(model), "--dataset", "chestxray14", "--data-dir",
                            str(data), "--split", "test", "--out", str(report), "--bootstrap", "200")
     metrics = json.loads((report / "metrics.json").read_text())
     return {"data": data, "model": model, "report": report, "logs": logs, "metrics": metrics, "card_before": card_before}
