@@ -21,9 +21,11 @@ install: $(STAMP)
 run: install
 	$(VENV)/bin/cxr-triage serve
 
-# Reuses PostgreSQL and Redis when they answer, starts them when it can; Orthanc and
-# the dcmtk peers are started by the tests that use them. pytest's exit 5 (no tests) fails.
+# Installs the Debian tools the tests run against when missing (as root), reuses PostgreSQL and
+# Redis when they answer and starts them when it can; Orthanc and the dcmtk peers are started by
+# the tests that use them. pytest's exit 5 (no tests) fails.
 test: install
+	bash scripts/install-test-tools.sh
 	bash scripts/ensure-services.sh
 	set +e; CXR_TRIAGE_REQUIRE_SERVICES=$${CXR_TRIAGE_REQUIRE_SERVICES:-1} $(PY) -m pytest $(PYTEST_ARGS); rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "pytest collected no tests: failing"; exit 1; fi; exit $$rc

@@ -1,7 +1,7 @@
 """Build + encode time of the result objects of one study: SR, heatmap SCs, Parametric Maps.
 
 For every real chest radiograph in tests/data/cxr_dicom/ (each one study of one
-image), builds the objects with `dicom_node.results.build_results` and encodes
+image), builds the objects with `dicom_io.results.build_results` and encodes
 each to bytes as the pipeline writes it (Part 10 file, explicit VR little
 endian), and prints the median and worst time per study over --repeat runs,
 split into SR, heatmaps and parametric maps.
@@ -38,8 +38,8 @@ from PIL import Image
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from dicom_node.pixels import display_array  # noqa: E402
-from dicom_node.results import ResultObjects, build_results  # noqa: E402
+from dicom_io.pixels import display_array  # noqa: E402
+from dicom_io.results import ResultObjects, build_results  # noqa: E402
 from triage_core.values import AlgorithmInfo, FindingResult, ImageResult  # noqa: E402
 
 DATA = ROOT / "tests" / "data" / "cxr_dicom"
@@ -101,16 +101,18 @@ def run_once(inputs: tuple, parametric_maps: bool) -> dict[str, float]:
 
 def build_parts(inputs: tuple, parametric_maps: bool) -> dict[str, float]:
     """The build time split by object kind (separate calls, same inputs)."""
-    from dicom_node.results import _heatmaps_by_finding, _parametric_maps_by_finding, build_sr
+    from dicom_io.pm import parametric_maps_by_finding
+    from dicom_io.sc import heatmaps_by_finding
+    from dicom_io.sr import build_sr
 
     source, display, result, cams = inputs
     t0 = time.perf_counter()
     build_sr([source], [result], ALGORITHM)
     t1 = time.perf_counter()
-    _heatmaps_by_finding(source, display, result, cams, ALGORITHM)
+    heatmaps_by_finding(source, display, result, cams, ALGORITHM)
     t2 = time.perf_counter()
     if parametric_maps:
-        _parametric_maps_by_finding(source, result, cams, ALGORITHM)
+        parametric_maps_by_finding(source, result, cams, ALGORITHM)
     t3 = time.perf_counter()
     return {"build_sr_ms": 1000 * (t1 - t0), "build_heatmaps_ms": 1000 * (t2 - t1), "build_parametric_maps_ms": 1000 * (t3 - t2)}
 

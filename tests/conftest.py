@@ -138,6 +138,11 @@ class Orthanc:
     def get(self, path: str):
         return http_json(f"{self.url}{path}")
 
+    def delete(self, path: str) -> None:
+        request = urllib.request.Request(f"{self.url}{path}", method="DELETE")
+        with urllib.request.urlopen(request, timeout=10):
+            pass
+
 
 @pytest.fixture
 def orthanc(tmp_path_factory):

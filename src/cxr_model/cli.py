@@ -20,7 +20,6 @@ from .card import load_card
 from .errors import ImageRefused, ModelError
 from .image_io import load_image_file
 from .model import Model, Prediction, load_model
-from .overlay import render_overlay
 
 log = logging.getLogger(__name__)
 
@@ -31,6 +30,11 @@ IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 #: path -> 2-D [0, 1] image, or (image, metadata) where metadata is what Model.predict takes per image (a DICOM
 #: data set, an ImageMetadata, or None); a bare image has no metadata (PNG/JPEG: age, sex and view unknown).
 ImageReader = Callable[[Path], "np.ndarray | tuple[np.ndarray, Any]"]
+
+#: (image, cam, *, finding, probability, threshold, present, summary, model_name, model_version, demo) -> RGB uint8
+#: picture with its legend. cxr_model draws no pictures itself: the caller passes the service's one heatmap renderer
+#: (dicom_io.render), so that `predict --heatmaps` shows what the heatmap Secondary Capture shows.
+HeatmapRenderer = Callable[..., np.ndarray]
 
 
 def info(model_dir: str | os.PathLike[str]) -> str:
@@ -79,33 +83,29 @@ def _safe_stem(path: Path) -> str:
     return re.sub(r"[^A-Za-z0-9._-]+", "_", path.stem).strip("._") or "image"
 
 
-def _legend(model: Model, finding: str, pred: Prediction) -> list[str]:
-    card = model.card
-    p = pred.probabilities[finding]
-    state = "positive" if finding in pred.positive else "below threshold (top finding)"
-    lines = [
-        f"{finding}: p = {p:.3f} (threshold {card.thresholds[finding]:.2f}, {state})",
-        f"{card.name} {card.version} - CAM heat map",
-        NOT_FOR_DIAGNOSTIC_USE,
-    ]
-    if card.demo:
-        lines.append(DEMO_NOTE)
-    return lines
-
-
 def write_heatmaps(
-    image: np.ndarray, pred: Prediction, model: Model, out_dir: Path, stem: str
+    image: np.ndarray, pred: Prediction, model: Model, out_dir: Path, stem: str, render: HeatmapRenderer
 ) -> list[Path]:
-    """One overlay PNG per positive finding, or for the top finding when none is positive."""
+    """One overlay PNG per positive finding, or for the top finding (a summary) when none is positive."""
+    from PIL import Image
+
     if pred.cams is None:
         raise ModelError("heat maps need a prediction made with cams=True")
+    card = model.card
+    summary = not pred.positive
     findings = list(pred.positive) or [pred.top()[0]]
     out_dir.mkdir(parents=True, exist_ok=True)
     written = []
     for finding in findings:
-        img = render_overlay(image, pred.cams[finding], _legend(model, finding, pred))
+        probability = float(pred.probabilities[finding])
+        threshold = float(card.thresholds[finding])
+        picture = render(
+            image, pred.cams[finding], finding=finding, probability=probability, threshold=threshold,
+            present=probability >= threshold, summary=summary, model_name=card.name,
+            model_version=card.version, demo=card.demo,
+        )
         path = out_dir / f"{stem}_{finding}.png"
-        img.save(path)
+        Image.fromarray(np.asarray(picture, dtype=np.uint8), mode="RGB").save(path)
         written.append(path)
     return written
 
@@ -116,8 +116,14 @@ def predict_records(
     *,
     heatmaps_dir: str | os.PathLike[str] | None = None,
     read_image: ImageReader | None = None,
+    render_heatmap: HeatmapRenderer | None = None,
 ) -> list[dict[str, Any]]:
-    """Score files one by one; a file that cannot be read is reported, never fatal."""
+    """Score files one by one; a file that cannot be read is reported, never fatal.
+
+    With `heatmaps_dir`, `render_heatmap` draws the heatmap PNGs (required then).
+    """
+    if heatmaps_dir is not None and render_heatmap is None:
+        raise ModelError("heat maps need a renderer (render_heatmap)")
     reader = read_image or default_read_image
     card = model.card
     model_info = {"name": card.name, "version": card.version, "demo": card.demo, "runtime": model.runtime}
@@ -134,7 +140,8 @@ def predict_records(
             rec["probabilities"] = pred.probabilities
             rec["positive"] = list(pred.positive)
             if heatmaps_dir is not None:
-                written = write_heatmaps(np.asarray(image, dtype=np.float32), pred, model, Path(heatmaps_dir), _safe_stem(path))
+                written = write_heatmaps(np.asarray(image, dtype=np.float32), pred, model, Path(heatmaps_dir),
+                                         _safe_stem(path), render_heatmap)
                 rec["heatmaps"] = [str(p) for p in written]
         except ImageRefused as exc:
             rec.update(status="skipped", reason=exc.reason)
@@ -178,6 +185,7 @@ def predict_files(
     *,
     runtime: str = "auto",
     model: Model | None = None,
+    render_heatmap: HeatmapRenderer | None = None,
 ) -> str:
     """Score image files with the model in ``model_dir``; return JSON or a human-readable report.
 
@@ -188,7 +196,8 @@ def predict_files(
     probabilities, positive (and heatmaps when written).
     """
     model = model or load_model(model_dir, runtime)  # type: ignore[arg-type]
-    records = predict_records(paths, model, heatmaps_dir=heatmaps_dir, read_image=read_image)
+    records = predict_records(paths, model, heatmaps_dir=heatmaps_dir, read_image=read_image,
+                              render_heatmap=render_heatmap)
     if as_json:
         return json.dumps(records, indent=2)
     return format_records(records, demo=model.card.demo)

@@ -176,12 +176,13 @@ def _predict(args: argparse.Namespace) -> int:
     import cxr_model
     from cxr_model import cli as model_cli
 
-    from .dicom_input import read_radiograph_and_metadata
+    from .dicom_input import read_radiograph_and_metadata, render_heatmap
 
     settings = _settings()
     model_dir = args.model_dir or settings.model_path or cxr_model.bundled_demo_path()
     model = runtime.load_model_for(settings, model_dir)
-    records = model_cli.predict_records(args.files, model, heatmaps_dir=args.heatmaps_dir, read_image=read_radiograph_and_metadata)
+    records = model_cli.predict_records(args.files, model, heatmaps_dir=args.heatmaps_dir,
+                                        read_image=read_radiograph_and_metadata, render_heatmap=render_heatmap)
     if args.as_json:
         print(json.dumps(records, indent=2))
     else:

@@ -1,4 +1,5 @@
-"""Reading a file for `cxr-triage predict`: DICOM through dicom_node's pixel path, else PNG/JPEG.
+"""Reading a file for `cxr-triage predict` (DICOM through dicom_io's pixel path, else PNG/JPEG),
+and drawing its heatmaps with dicom_io's renderer, the one the heatmap Secondary Capture uses.
 
 DICOM files also bring the patient metadata a model trained with
 ``--metadata`` takes (PatientAge, PatientSex, ViewPosition); PNG/JPEG files
@@ -14,8 +15,10 @@ import pydicom
 from pydicom.errors import InvalidDicomError
 
 import cxr_model
-from dicom_node.eligibility import check_eligibility
-from dicom_node.pixels import PixelRefused, display_array
+from dicom_io.eligibility import check_eligibility
+from dicom_io.pixels import PixelRefused, display_array
+from dicom_io.render import HeatmapCaption
+from dicom_io.render import render_heatmap as _render
 
 
 def read_radiograph(path: Path) -> np.ndarray:
@@ -38,3 +41,8 @@ def read_radiograph_and_metadata(path: Path) -> tuple[np.ndarray, cxr_model.Imag
         return display_array(ds), cxr_model.metadata_from_dicom(ds)
     except PixelRefused as exc:
         raise cxr_model.ImageRefused(str(exc)) from exc
+
+
+def render_heatmap(image: np.ndarray, cam: np.ndarray, **caption: object) -> np.ndarray:
+    """cxr_model's `HeatmapRenderer`: dicom_io's picture, with the legend of `caption`."""
+    return _render(image, cam, HeatmapCaption(**caption))

@@ -130,8 +130,10 @@ def get_study(*, session: Session, study_instance_uid: str, full: bool = False) 
 def get_results(
     *, session: Session, study: Study, kind: ResultKind, sop_instance_uid: str | None = None
 ) -> list[ResultObject]:
-    """Result objects of a kind, newest first."""
-    query = select(ResultObject).where(ResultObject.study_id == study.id, ResultObject.kind == str(kind))
+    """The study's current result objects of a kind (never superseded ones), newest first."""
+    query = select(ResultObject).where(
+        ResultObject.study_id == study.id, ResultObject.kind == str(kind), ResultObject.superseded_at.is_(None)
+    )
     if sop_instance_uid is not None:
         query = query.where(ResultObject.sop_instance_uid == sop_instance_uid)
     return list(session.execute(query.order_by(ResultObject.created_at.desc(), ResultObject.id.desc())).scalars())

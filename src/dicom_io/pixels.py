@@ -9,16 +9,25 @@ P-values scaled to [0, 1] (1 = brightest as displayed: bone white, air black).
 Whatever it cannot show faithfully it refuses with `PixelRefused`, whose
 message says why in words a PACS administrator understands. It never raises
 anything else for bad input.
+
+Decoding is bounded: the header's size is checked against a pixel budget,
+and a compressed frame's own header (`codestream`) against Rows and Columns,
+before any decoder runs. `pixel_data_problem` is the part of that check that
+needs no decoder at all; the DICOM node uses it to refuse inconsistent pixel
+data (a truncated native image, a frame larger than the image) on receipt.
 """
 
 from __future__ import annotations
 
 import numpy as np
 import pydicom
+from pydicom.encaps import generate_frames
 from pydicom.pixels import apply_modality_lut, apply_voi_lut
-from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
+from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
-__all__ = ["PixelRefused", "display_array"]
+from .codestream import CodestreamError, frame_header
+
+__all__ = ["PixelRefused", "display_array", "pixel_data_problem"]
 
 _GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -53,6 +62,9 @@ def display_array(ds: pydicom.Dataset, *, max_megapixels: float = 50.0) -> np.nd
     if max_megapixels <= 0:
         raise ValueError("max_megapixels must be positive")
     _check_header(ds, max_megapixels)
+    problem = pixel_data_problem(ds)
+    if problem:
+        raise PixelRefused(problem)
 
     try:
         stored = _decodable(ds).pixel_array
@@ -122,6 +134,66 @@ def _check_header(ds: pydicom.Dataset, max_megapixels: float) -> None:
         raise PixelRefused(f"{bits_allocated} bits allocated; 8 or 16 are supported")
     if not 1 <= bits_stored <= bits_allocated:
         raise PixelRefused(f"Bits Stored {bits_stored} is inconsistent with Bits Allocated {bits_allocated}")
+
+
+def pixel_data_problem(ds: pydicom.Dataset, transfer_syntax_uid: str | None = None) -> str | None:
+    """Why the pixel data of `ds` contradicts the dataset's own header, or None.
+
+    Native pixel data must hold Rows x Columns x Samples x Frames values of
+    Bits Allocated; the first frame of compressed pixel data must state in
+    its own header the Rows, Columns and Samples per Pixel of the dataset.
+    Nothing is decoded. `transfer_syntax_uid` defaults to the file meta's
+    (or, without one, the encoding the dataset was read with).
+    """
+    if "PixelData" not in ds:
+        return None
+    syntax = transfer_syntax_uid or _stated_syntax(ds)
+    try:
+        rows, columns = _int_attr(ds, "Rows", 0), _int_attr(ds, "Columns", 0)
+        samples = _int_attr(ds, "SamplesPerPixel", 1)
+        frames = max(1, _int_attr(ds, "NumberOfFrames", 1))
+        bits = _int_attr(ds, "BitsAllocated", 0)
+    except PixelRefused as exc:
+        return exc.reason
+    if rows <= 0 or columns <= 0 or bits <= 0:
+        return f"image pixel attributes are missing (Rows {rows}, Columns {columns}, Bits Allocated {bits})"
+    element = ds["PixelData"]
+    if syntax is None or not UID(syntax).is_compressed:
+        value = element.value
+        size = len(value) if value is not None else 0
+        needed = (rows * columns * samples * frames * bits + 7) // 8
+        if size < needed:
+            return (f"truncated pixel data: {size} of {needed} bytes ({columns}x{rows} pixels x {samples} "
+                    f"sample(s) x {frames} frame(s) at {bits} bits)")
+        return None
+    try:
+        first = next(generate_frames(element.value, number_of_frames=frames))
+    except StopIteration:
+        return "encapsulated pixel data holds no frame"
+    except Exception as exc:  # malformed items or offsets
+        return f"encapsulated pixel data cannot be parsed: {type(exc).__name__}: {exc}"
+    try:
+        header = frame_header(first, syntax)
+    except CodestreamError as exc:
+        return f"compressed frame ({UID(syntax).name}): {exc}"
+    if header is None:
+        return None
+    if (header.rows, header.columns) != (rows, columns):
+        return f"{header.codec} frame is {header.columns}x{header.rows} but Rows/Columns say {columns}x{rows}"
+    if header.components != samples:
+        return f"the {header.codec} frame has {header.components} component(s) but Samples per Pixel is {samples}"
+    return None
+
+
+def _stated_syntax(ds: pydicom.Dataset) -> str | None:
+    meta = getattr(ds, "file_meta", None)
+    syntax = meta.get("TransferSyntaxUID") if meta is not None else None
+    if syntax:
+        return str(syntax)
+    implicit_vr, little_endian = getattr(ds, "original_encoding", (None, None))
+    if implicit_vr is None:
+        return None
+    return str(ImplicitVRLittleEndian if implicit_vr else ExplicitVRLittleEndian)
 
 
 def _int_attr(ds: pydicom.Dataset, keyword: str, default: int) -> int:

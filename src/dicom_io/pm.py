@@ -1,4 +1,4 @@
-"""A highdicom Parametric Map of a class activation map on a projection radiograph.
+"""Parametric Maps (PS3.3 A.75) of class activation maps on a projection radiograph.
 
 A chest radiograph (CR, DX, or DX in a Secondary Capture) has no Frame of
 Reference, while the Parametric Map IOD as dciodvfy checks it requires one,
@@ -11,23 +11,36 @@ the radiograph is what matters to a viewer, and it is stated by the
 Derivation Image Sequence (Spatial Locations Preserved YES) that highdicom
 writes for the source image: same Rows and Columns, same pixels.
 
-The nominal geometry of that grid: the source's Pixel Spacing, else Imager
-Pixel Spacing, else 1 mm (said in the Derivation Description); rows and
-columns along the source's Patient Orientation, else the conventional
-frontal chest display (rows towards the patient's left, columns towards the
-feet).
+The geometry of that grid is the source's own: its Pixel Spacing, else its
+Imager Pixel Spacing (at the detector, so larger than the anatomy by the
+geometric magnification), else 1 mm; rows and columns along the source's
+Patient Orientation, else the conventional frontal chest display (rows
+towards the patient's left, columns towards the feet). The Derivation
+Description says which of these the source stated and which are assumed.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import highdicom as hd
 import numpy as np
 import pydicom
 from PIL import Image
 
-__all__ = ["projection_parametric_map"]
+from triage_core.values import AlgorithmInfo, ImageResult
+
+from .equipment import contributing_equipment
+from .headers import copy_patient_and_study, header_view, instance_number, patient_orientation, pixel_spacing
+from .headers import set_lossy_attributes
+from .render import NOT_FOR_DIAGNOSTIC_USE
+from .sc import image_comments, series_description, shown_findings
+from .uids import image_key, result_uid
+
+__all__ = ["PARAMETRIC_MAP_SERIES_NUMBER", "build_parametric_maps", "parametric_maps_by_finding",
+           "projection_parametric_map"]
+
+PARAMETRIC_MAP_SERIES_NUMBER = 9903
 
 # Patient direction letters (PS3.3 C.7.6.1.1.1) as LPS unit vectors.
 _DIRECTIONS = {
@@ -55,13 +68,13 @@ def projection_parametric_map(
     content_description: str,
     series_description: str,
     contributing_equipment: Sequence[hd.ContributingEquipment],
-    specific_character_set: str | Sequence[str] | None,
 ) -> hd.pm.ParametricMap:
     """A single-frame float32 Parametric Map of `cam` on the pixel grid of `source`.
 
     Args:
-        source: header of the radiograph (Rows, Columns, UIDs, patient and
-            study); not changed.
+        source: header of the radiograph (Rows, Columns, UIDs, geometry);
+            not changed. Patient and study identity and the character set
+            are the caller's to copy (`copy_patient_and_study`).
         cam: 2-D map with values in [0, 1]; resampled bilinearly to the
             source's Rows x Columns when its shape differs.
         lut_explanation: what the values mean, for the Real World Value Map.
@@ -81,10 +94,11 @@ def projection_parametric_map(
     values = np.fmax(values, np.float32(0.0))
     np.minimum(values, np.float32(1.0), out=values)
 
-    spacing, spacing_stated = _pixel_spacing(source)
-    row_direction, column_direction = _orientation(source)
-    view = pydicom.Dataset()
-    view.update(source)  # a shallow view: the geometry below is the map's, not the source's
+    stated_spacing = pixel_spacing(source)
+    spacing = stated_spacing[0] if stated_spacing else (1.0, 1.0)
+    orientation = patient_orientation(source)
+    row_direction, column_direction = (_DIRECTIONS[letter] for letter in (orientation or ("L", "F")))
+    view = header_view(source)  # the geometry below is the map's, not the source's
     view.FrameOfReferenceUID = frame_of_reference_uid
     view.PositionReferenceIndicator = None
     view.ImagePositionPatient = [0.0, 0.0, 0.0]
@@ -121,33 +135,77 @@ def projection_parametric_map(
         derived_pixel_contrast=hd.pm.DerivedPixelContrastValues.NONE,
         series_description=series_description,
         contributing_equipment=contributing_equipment,
-        specific_character_set=specific_character_set,
+    )
+    if stated_spacing is None:
+        spacing_note = "the source states no pixel spacing, 1 mm is nominal"
+    elif stated_spacing[1] == "ImagerPixelSpacing":
+        spacing_note = "pixel spacing is the source's Imager Pixel Spacing (at the detector, not corrected for magnification)"
+    else:
+        spacing_note = "pixel spacing is the source's Pixel Spacing"
+    orientation_note = (
+        f"orientation is the source's Patient Orientation (rows towards {orientation[0]}, columns towards "
+        f"{orientation[1]})" if orientation
+        else "the source states no Patient Orientation: rows towards L, columns towards F (a frontal chest "
+             "as displayed) are assumed"
     )
     pm.DerivationDescription = (
         "Class activation map of the source radiograph on its pixel grid; the Frame of Reference "
-        "belongs to this map only"
-        + ("" if spacing_stated else "; the source states no pixel spacing, 1 mm is nominal")
-    )
+        f"belongs to this map only; {spacing_note}; {orientation_note}"
+    )[:1024]
     return pm
 
 
-def _pixel_spacing(source: pydicom.Dataset) -> tuple[tuple[float, float], bool]:
-    for keyword in ("PixelSpacing", "ImagerPixelSpacing"):
-        value = source.get(keyword, None)
-        try:
-            spacing = tuple(float(v) for v in value) if value is not None else ()
-        except (TypeError, ValueError):
-            continue
-        if len(spacing) == 2 and all(v > 0 for v in spacing):
-            return (spacing[0], spacing[1]), True
-    return (1.0, 1.0), False
+def build_parametric_maps(
+    source: pydicom.Dataset,
+    result: ImageResult,
+    cams: Mapping[str, np.ndarray],
+    algorithm: AlgorithmInfo,
+) -> list[pydicom.Dataset]:
+    """Parametric Maps of the CAMs; see `parametric_maps_by_finding`."""
+    return [image for _, image in parametric_maps_by_finding(source, result, cams, algorithm)]
 
 
-def _orientation(source: pydicom.Dataset) -> tuple[tuple[float, ...], tuple[float, ...]]:
-    value = source.get("PatientOrientation", None)
-    if value is not None and len(value) == 2:
-        row, column = (str(v).strip().upper() for v in value)
-        opposite = set(row + column) in ({"L", "R"}, {"A", "P"}, {"H", "F"})
-        if row in _DIRECTIONS and column in _DIRECTIONS and not opposite:
-            return _DIRECTIONS[row], _DIRECTIONS[column]
-    return _DIRECTIONS["L"], _DIRECTIONS["F"]
+def parametric_maps_by_finding(
+    source: pydicom.Dataset,
+    result: ImageResult,
+    cams: Mapping[str, np.ndarray],
+    algorithm: AlgorithmInfo,
+) -> list[tuple[str, pydicom.Dataset]]:
+    """(finding, map) pairs: one Parametric Map beside each heatmap (same findings).
+
+    The float32 CAM as the model gave it, on the source's pixel grid (a CAM
+    of another size is resampled bilinearly to it), with a Real World Value
+    Map that states its meaning: relative relevance, 0 to 1, no units.
+    """
+    shown, summary = shown_findings(source, result, cams, "build_parametric_maps")
+    key = image_key(result)
+    maps = []
+    for number, finding in enumerate(shown, start=1):
+        kind = f"parametric-map:{'summary:' if summary else ''}{finding.finding}"
+        # LO, 64 characters: the warnings first, so that they are never cut.
+        description = (
+            NOT_FOR_DIAGNOSTIC_USE + ("; DEMO WEIGHTS" if algorithm.demo else "") + f"; CAM of {finding.finding}"
+        )
+        pm = projection_parametric_map(
+            source=source,
+            cam=cams[finding.finding],
+            series_instance_uid=result_uid(str(source.StudyInstanceUID), algorithm, "parametric-map-series"),
+            series_number=PARAMETRIC_MAP_SERIES_NUMBER,
+            sop_instance_uid=result_uid(key, algorithm, kind),
+            frame_of_reference_uid=result_uid(key, algorithm, "parametric-map-frame-of-reference"),
+            instance_number=instance_number(source, number),
+            manufacturer=algorithm.manufacturer,
+            manufacturer_model_name=algorithm.name,
+            software_versions=algorithm.version,
+            device_serial_number=algorithm.weights_sha256,
+            lut_explanation=f"Class activation map of {finding.finding} (relative relevance 0-1)",
+            content_description=description[:64],
+            series_description=series_description(algorithm),
+            contributing_equipment=[contributing_equipment(algorithm)],
+        )
+        copy_patient_and_study(source, pm)
+        pm.BodyPartExamined = "CHEST"  # see sc.heatmaps_by_finding
+        set_lossy_attributes(source, pm)
+        pm.ImageComments = image_comments(finding, algorithm)
+        maps.append((finding.finding, pm))
+    return maps

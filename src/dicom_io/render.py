@@ -1,21 +1,37 @@
-"""Rendering of a CAM over a radiograph as an RGB picture with a legend.
+"""The one heatmap renderer: a CAM over a radiograph as an RGB picture with a legend.
 
-Pure numpy + Pillow; the DICOM encoding is in `results.py`. The blend runs
-in Pillow through 256-entry tables (colour and opacity per relevance
-level), so that one 1024 x 1024 overlay costs a few milliseconds.
+Used by the heatmap Secondary Capture (`sc.py`) and by ``cxr-triage predict
+--heatmaps`` (PNG files), so that both show the same picture with the same
+legend. Pure numpy + Pillow. The blend runs in Pillow through 256-entry
+tables (colour and opacity per relevance level), so that one 1024 x 1024
+overlay costs a few milliseconds.
 """
 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from functools import lru_cache
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
-__all__ = ["MAX_SIDE", "backdrop", "colormap", "normalise_cam", "render_on_backdrop", "render_overlay"]
+__all__ = [
+    "DEMO_WARNING",
+    "HeatmapCaption",
+    "MAX_SIDE",
+    "NOT_FOR_DIAGNOSTIC_USE",
+    "backdrop",
+    "colormap",
+    "normalise_cam",
+    "render_heatmap",
+    "render_on_backdrop",
+    "render_overlay",
+]
 
 MAX_SIDE = 1024
+NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
+DEMO_WARNING = "DEMO WEIGHTS - not trained on clinical data"
 _ALPHA = 0.6  # opacity of the colour at the highest CAM value
 
 # Matplotlib's "inferno" (perceptually uniform, readable in greyscale and by
@@ -26,6 +42,38 @@ _INFERNO_HEX = (
 )
 _INFERNO = np.array([[int(h[i : i + 2], 16) for i in (0, 2, 4)] for h in _INFERNO_HEX], dtype=np.float64) / 255.0
 _STOPS = np.linspace(0.0, 1.0, len(_INFERNO_HEX))
+
+
+@dataclass(frozen=True)
+class HeatmapCaption:
+    """What a heatmap's legend says: the finding, its score and the model that made it."""
+
+    finding: str
+    probability: float
+    threshold: float
+    present: bool
+    #: No finding is above its threshold: this map shows the most probable one.
+    summary: bool
+    model_name: str
+    model_version: str
+    demo: bool
+
+    def lines(self) -> list[str]:
+        status = "POSITIVE" if self.present else "below threshold"
+        return [
+            f"{self.finding.replace('_', ' ')}: probability {self.probability:.2f} "
+            f"(threshold {self.threshold:.2f}, {status})"
+            + ("  [summary: no finding above its threshold]" if self.summary else ""),
+            f"Model: {self.model_name} {self.model_version}",
+        ]
+
+    def warnings(self) -> list[str]:
+        return [NOT_FOR_DIAGNOSTIC_USE] + ([DEMO_WARNING] if self.demo else [])
+
+
+def render_heatmap(display: np.ndarray, cam: np.ndarray, caption: HeatmapCaption) -> np.ndarray:
+    """The heatmap picture of one finding: `cam` over `display` with the legend of `caption`."""
+    return render_overlay(display, cam, caption.lines(), caption.warnings())
 
 
 def colormap(values: np.ndarray) -> np.ndarray:

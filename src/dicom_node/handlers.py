@@ -4,19 +4,22 @@ from __future__ import annotations
 
 import logging
 
+from pydicom.dataset import Dataset
 from pynetdicom import events
 
-from .ingest import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, IngestService
+from .ingest import IngestService
+from .statuses import CANNOT_UNDERSTAND, OUT_OF_RESOURCES, SUCCESS, is_success
 
 log = logging.getLogger(__name__)
 
 
 def handle_echo(event: events.Event) -> int:
-    return 0x0000
+    return SUCCESS
 
 
-def handle_store(event: events.Event, ingest: IngestService) -> int:
-    """Spool, record, answer: never an unhandled exception."""
+def handle_store(event: events.Event, ingest: IngestService) -> int | Dataset:
+    """Spool, record, answer: never an unhandled exception. A failure carries
+    its reason as Error Comment (no patient data: UIDs and sizes only)."""
     calling_ae_title = event.assoc.requestor.ae_title.strip()
     request = event.request
     try:
@@ -26,7 +29,7 @@ def handle_store(event: events.Event, ingest: IngestService) -> int:
     except Exception as exc:
         log.warning("C-STORE from %s (affected SOP %s) cannot be decoded: %s",
                     calling_ae_title, request.AffectedSOPInstanceUID, exc)
-        return CANNOT_UNDERSTAND
+        return _status(CANNOT_UNDERSTAND, "dataset cannot be decoded")
     try:
         outcome = ingest.store(
             dataset,
@@ -39,5 +42,14 @@ def handle_store(event: events.Event, ingest: IngestService) -> int:
     except Exception:
         log.exception("C-STORE from %s (affected SOP %s) failed while recording",
                       calling_ae_title, request.AffectedSOPInstanceUID)
-        return OUT_OF_RESOURCES
-    return outcome.status
+        return _status(OUT_OF_RESOURCES, "storage failed; try again later")
+    if is_success(outcome.status):
+        return outcome.status
+    return _status(outcome.status, outcome.reason)
+
+
+def _status(code: int, comment: str) -> Dataset:
+    status = Dataset()
+    status.Status = code
+    status.ErrorComment = comment[:64]  # LO
+    return status

@@ -15,6 +15,7 @@ from pydicom.dataset import Dataset
 from sqlalchemy import select
 from sqlalchemy.exc import IntegrityError
 
+from dicom_io.pixels import pixel_data_problem
 from triage_core import audit
 from triage_core.db import Database
 from triage_core.models import Instance, Study
@@ -25,12 +26,13 @@ from triage_core.storage import atomic_write, instance_relpath, is_valid_uid
 log = logging.getLogger(__name__)
 ACTOR = audit.SYSTEM_ACTORS["node"]
 
-# DIMSE C-STORE status codes (PS3.4 Annex B.2.3) and the ones we use.
-SUCCESS = 0x0000
-OUT_OF_RESOURCES = 0xA700
-DATASET_DOES_NOT_MATCH_SOP_CLASS = 0xA900
-CANNOT_UNDERSTAND = 0xC000
-PROCESSING_FAILURE = 0x0110
+from .statuses import (
+    CANNOT_UNDERSTAND,
+    DATASET_DOES_NOT_MATCH_SOP_CLASS,
+    DUPLICATE_SOP_INSTANCE,
+    OUT_OF_RESOURCES,
+    SUCCESS,
+)
 
 
 @dataclass(frozen=True)
@@ -65,9 +67,8 @@ class IngestService:
             sop_uid = str(dataset.get("SOPInstanceUID", "") or "")
             sop_class = str(dataset.get("SOPClassUID", "") or "")
         except Exception as exc:  # a malformed element in the header
-            reason = f"cannot read identifying attributes: {exc}"
-            log.warning("C-STORE rejected from %s: %s", calling_ae_title, reason)
-            return StoreOutcome(CANNOT_UNDERSTAND, reason=reason)
+            return self._refuse(CANNOT_UNDERSTAND, f"cannot read identifying attributes: {exc}",
+                                calling_ae_title, affected_sop_instance_uid)
 
         problems = [
             name
@@ -80,26 +81,39 @@ class IngestService:
             if not is_valid_uid(value)
         ]
         if problems:
-            reason = "missing or invalid " + ", ".join(problems)
-            log.warning("C-STORE rejected from %s (affected SOP %s): %s",
-                        calling_ae_title, affected_sop_instance_uid or "?", reason)
-            return StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, reason=reason)
+            return self._refuse(DATASET_DOES_NOT_MATCH_SOP_CLASS, "missing or invalid " + ", ".join(problems),
+                                calling_ae_title, affected_sop_instance_uid)
         if affected_sop_instance_uid and affected_sop_instance_uid != sop_uid:
-            reason = "SOPInstanceUID in the dataset differs from the request's Affected SOP Instance UID"
-            log.warning("C-STORE rejected from %s (SOP %s): %s", calling_ae_title, sop_uid, reason)
-            return StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, reason=reason)
+            return self._refuse(
+                DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOPInstanceUID in the dataset differs from the request's Affected SOP Instance UID",
+                calling_ae_title, sop_uid, study_uid)
         if affected_sop_class_uid and affected_sop_class_uid != sop_class:
-            reason = "SOPClassUID in the dataset differs from the request's Affected SOP Class UID"
-            log.warning("C-STORE rejected from %s (SOP %s): %s", calling_ae_title, sop_uid, reason)
-            return StoreOutcome(DATASET_DOES_NOT_MATCH_SOP_CLASS, reason=reason)
+            return self._refuse(
+                DATASET_DOES_NOT_MATCH_SOP_CLASS,
+                "SOPClassUID in the dataset differs from the request's Affected SOP Class UID",
+                calling_ae_title, sop_uid, study_uid)
+        try:
+            problem = pixel_data_problem(dataset, transfer_syntax_uid)
+        except Exception as exc:  # an element that cannot be decoded
+            problem = f"pixel data attributes cannot be read: {type(exc).__name__}: {exc}"
+        if problem:
+            return self._refuse(CANNOT_UNDERSTAND, problem, calling_ae_title, sop_uid, study_uid)
 
         relpath = instance_relpath(study_uid, sop_uid)
         path = self.settings.instances_dir / relpath
         digest = hashlib.sha256(encoded).hexdigest()
         with self._lock:
             try:
-                existing = self._existing_digest(sop_uid)
-                if existing == digest:
+                existing = self._existing(sop_uid)
+                if existing is not None and existing[0] != study_uid:
+                    # Never re-bind an instance to another study (another patient, perhaps):
+                    # the sender has reused a UID. The stored study keeps its instance.
+                    return self._refuse(
+                        DUPLICATE_SOP_INSTANCE,
+                        f"SOP Instance UID already stored in study {existing[0]}; refused for study {study_uid}",
+                        calling_ae_title, sop_uid, existing[0], claimed_study_instance_uid=study_uid)
+                if existing is not None and existing[1] == digest:
                     return self._record_duplicate(study_uid, sop_uid, calling_ae_title)
                 atomic_write(path, lambda handle: handle.write(encoded))
             except OSError as exc:
@@ -119,9 +133,35 @@ class IngestService:
         log.info("stored SOP %s (study %s, id %s) from %s", sop_uid, study_uid, study_id, calling_ae_title)
         return StoreOutcome(SUCCESS, study_id=study_id)
 
-    def _existing_digest(self, sop_uid: str) -> str | None:
+    def _refuse(
+        self, status: int, reason: str, calling_ae_title: str, sop_instance_uid: str = "",
+        study_instance_uid: str = "", **detail: str,
+    ) -> StoreOutcome:
+        """Answer a failure status: a log line and an audit event, both without patient data."""
+        log.warning("C-STORE refused with 0x%04X from %s (SOP %s): %s",
+                    status, calling_ae_title, sop_instance_uid or "?", reason)
+        try:
+            with self.database.session() as session:
+                study = None
+                if study_instance_uid and is_valid_uid(study_instance_uid):
+                    study = session.scalar(select(Study).where(Study.study_instance_uid == study_instance_uid))
+                audit.record(session, actor=ACTOR, action=AuditAction.INSTANCE_REJECTED, study=study,
+                             status=f"0x{status:04X}", reason=reason, calling_ae_title=calling_ae_title,
+                             sop_instance_uid=sop_instance_uid if is_valid_uid(sop_instance_uid) else "",
+                             **detail)
+        except Exception:  # the refusal stands even when the audit cannot be written
+            log.exception("audit of a refused C-STORE could not be written")
+        return StoreOutcome(status, reason=reason)
+
+    def _existing(self, sop_uid: str) -> tuple[str, str] | None:
+        """(Study Instance UID, SHA-256) of the stored instance with this SOP Instance UID."""
         with self.database.session() as session:
-            return session.scalar(select(Instance.sha256).where(Instance.sop_instance_uid == sop_uid))
+            row = session.execute(
+                select(Study.study_instance_uid, Instance.sha256)
+                .join(Instance, Instance.study_id == Study.id)
+                .where(Instance.sop_instance_uid == sop_uid)
+            ).first()
+            return (row[0], row[1]) if row else None
 
     def _record_duplicate(self, study_uid: str, sop_uid: str, calling_ae_title: str) -> StoreOutcome:
         with self.database.session() as session:

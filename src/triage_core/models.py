@@ -147,6 +147,10 @@ class ResultObject(Base):
     model_name: Mapped[str] = mapped_column(String(128))
     model_version: Mapped[str] = mapped_column(String(64))
     created_at: Mapped[datetime] = mapped_column(AwareDateTime, default=utcnow)
+    #: Set when a later analysis of the study no longer made this object: it is
+    #: never exported again nor listed by the API; its file is kept only when
+    #: CXR_TRIAGE_KEEP_SUPERSEDED_RESULTS says so.
+    superseded_at: Mapped[datetime | None] = mapped_column(AwareDateTime, nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="results")
 

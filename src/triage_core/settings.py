@@ -78,6 +78,9 @@ class Settings(BaseSettings):
     model_device: str = ""
     #: Also write a Parametric Map of the raw CAM beside each heatmap Secondary Capture.
     parametric_map: bool = True
+    #: Keep the files of result objects that a re-analysis of the study no longer
+    #: makes (they are never exported again nor listed); False deletes them.
+    keep_superseded_results: bool = False
     export_retries: int = Field(5, ge=0)
     export_backoff_seconds: float = Field(2.0, ge=0)
     max_pdu_size: int = Field(0, ge=0)

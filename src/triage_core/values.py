@@ -64,10 +64,15 @@ class ImageResult:
 
     sop_instance_uid: str
     findings: tuple[FindingResult, ...]
+    #: SHA-256 of the stored source instance, when known: result UIDs follow the
+    #: source's content, so a source resent with other pixels gets new results.
+    source_sha256: str = ""
 
     def __post_init__(self) -> None:
         if not self.sop_instance_uid:
             raise ValueError("ImageResult.sop_instance_uid must not be empty")
+        if self.source_sha256 and len(self.source_sha256) != 64:
+            raise ValueError("ImageResult.source_sha256 must be a hex SHA-256 (64 characters) or empty")
         object.__setattr__(self, "findings", tuple(self.findings))
         names = [f.finding for f in self.findings]
         if len(set(names)) != len(names):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import logging
 
+from pathlib import Path
+
 from sqlalchemy import select
 
 from dicom_node.scu import ExportError, send_files
@@ -12,6 +14,7 @@ from triage_core.db import Database
 from triage_core.models import Export, ResultObject
 from triage_core.settings import Destination, Settings
 from triage_core.states import AuditAction, ExportStatus
+
 
 log = logging.getLogger(__name__)
 ACTOR = audit.SYSTEM_ACTORS["worker"]
@@ -27,11 +30,8 @@ def export_once(settings: Settings, database: Database, export_id: int, *, final
         if export.status == ExportStatus.EXPORTED:
             return export.status
         destination = Destination.parse(export.destination)
-        rows = session.scalars(
-            select(ResultObject).where(ResultObject.study_id == export.study_id).order_by(ResultObject.id)
-        ).all()
-        paths = [settings.results_dir / row.path for row in rows]
         study_id = export.study_id
+    paths = result_paths(settings, database, study_id)
     error = ""
     try:
         if not paths:
@@ -53,3 +53,14 @@ def export_once(settings: Settings, database: Database, export_id: int, *, final
     if status == ExportStatus.EXPORT_PENDING:
         raise ExportError(error)
     return str(status)
+
+
+def result_paths(settings: Settings, database: Database, study_id: int) -> list[Path]:
+    """The files of the study's current result objects (never superseded ones)."""
+    with database.session() as session:
+        rows = session.scalars(
+            select(ResultObject)
+            .where(ResultObject.study_id == study_id, ResultObject.superseded_at.is_(None))
+            .order_by(ResultObject.id)
+        ).all()
+        return [settings.results_dir / row.path for row in rows]

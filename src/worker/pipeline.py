@@ -18,9 +18,10 @@ from pydicom.dataset import Dataset
 from sqlalchemy import delete, select
 
 from cxr_model import ModelCard
-from dicom_node.eligibility import check_eligibility
-from dicom_node.pixels import PixelRefused, display_array
-from dicom_node.results import build_results
+from dicom_io.eligibility import check_eligibility
+from dicom_io.pixels import PixelRefused, display_array
+from dicom_io.results import build_results
+from dicom_io.sr import sr_uid
 from triage_core import audit
 from triage_core.db import Database
 from triage_core.models import Export, Finding, Instance, Job, ResultObject, Study
@@ -55,6 +56,7 @@ class Selected:
     instance_id: int
     dataset: Dataset
     display: np.ndarray
+    sha256: str
 
 
 @dataclass(frozen=True)
@@ -133,7 +135,7 @@ class Pipeline:
                 select(Instance).where(Instance.study_id == study_id).order_by(Instance.id)
             ).all()
             study_uid = session.get(Study, study_id).study_instance_uid
-            records = [(i.id, i.sop_instance_uid, i.path) for i in instances]
+            records = [(i.id, i.sop_instance_uid, i.path, i.sha256) for i in instances]
 
         selected, refusals = self._select(records)
         if not selected:
@@ -149,6 +151,7 @@ class Pipeline:
         image_results = [
             ImageResult(
                 sop_instance_uid=str(s.dataset.SOPInstanceUID),
+                source_sha256=s.sha256,
                 findings=tuple(
                     FindingResult(
                         finding=name,
@@ -168,6 +171,7 @@ class Pipeline:
             [p.cams for p in predictions],
             algorithm,
             parametric_maps=self.settings.parametric_map,
+            predecessors=self._earlier_reports(study_id, study_uid, sr_uid(image_results, algorithm)),
         )
         written = self._write_results(study_uid, objects, algorithm)
         priority = compute_priority(f for r in image_results for f in r.findings)
@@ -185,11 +189,13 @@ class Pipeline:
                         study_id=study_id, sop_instance_uid=result.sop_instance_uid, finding=finding.finding,
                         probability=finding.probability, threshold=finding.threshold, present=finding.present,
                     ))
+            now = datetime.now(timezone.utc)
             for kind, ds, relpath, source_uid, finding in written:
                 row = session.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == str(ds.SOPInstanceUID)))
                 if row is None:
                     row = ResultObject(sop_instance_uid=str(ds.SOPInstanceUID), study_id=study_id)
                     session.add(row)
+                row.superseded_at = None
                 row.kind = kind
                 row.series_instance_uid = str(ds.SeriesInstanceUID)
                 row.sop_class_uid = str(ds.SOPClassUID)
@@ -198,9 +204,10 @@ class Pipeline:
                 row.path = relpath
                 row.model_name = algorithm.name
                 row.model_version = algorithm.version
-                row.created_at = datetime.now(timezone.utc)
+                row.created_at = now
                 audit.record(session, actor=ACTOR, action=AuditAction.RESULT_STORED, study=study, kind=kind,
                              sop_instance_uid=str(ds.SOPInstanceUID), model_version=algorithm.version)
+            retired = self._retire_superseded(session, study, {str(ds.SOPInstanceUID) for _, ds, *_ in written}, now)
             study.priority = keep_priority(study.priority, priority)
             study.model_name = algorithm.name
             study.model_version = algorithm.version
@@ -219,15 +226,57 @@ class Pipeline:
                 audit.record(session, actor=ACTOR, action=AuditAction.EXPORT_STATUS, study=study,
                              destination=str(destination), status=str(ExportStatus.EXPORT_PENDING))
                 export_ids.append(export.id)
+        if not self.settings.keep_superseded_results:
+            for path in retired:
+                path.unlink(missing_ok=True)
         done = self._finish(job_id, study_id, StudyStatus.DONE, reason)
         log.info("job %s: study id %s %s, priority %.1f, %d result object(s), model %s %s", job_id, study_id,
                  "DONE" if done else "superseded", priority, len(written), algorithm.name, algorithm.version)
         return JobOutcome(str(StudyStatus.DONE), reason, tuple(export_ids))
 
-    def _select(self, records: Sequence[tuple[int, str, str]]) -> tuple[list[Selected], list[str]]:
+    def _earlier_reports(self, study_id: int, study_uid: str, new_sr_uid: str) -> list[Dataset]:
+        """The study's earlier SRs (by UID, class and series) that the new one replaces."""
+        with self.database.session() as session:
+            rows = session.scalars(
+                select(ResultObject)
+                .where(ResultObject.study_id == study_id, ResultObject.kind == str(ResultKind.SR),
+                       ResultObject.sop_instance_uid != new_sr_uid)
+                .order_by(ResultObject.id)
+            ).all()
+            earlier = []
+            for row in rows:
+                ds = Dataset()
+                ds.StudyInstanceUID = study_uid
+                ds.SeriesInstanceUID = row.series_instance_uid
+                ds.SOPInstanceUID = row.sop_instance_uid
+                ds.SOPClassUID = row.sop_class_uid
+                earlier.append(ds)
+            return earlier
+
+    def _retire_superseded(self, session, study: Study, current: set[str], now: datetime) -> list[Path]:
+        """Mark the study's result objects that this analysis did not make as superseded.
+
+        They are never exported again nor listed by the API. Returns the files
+        to delete once the transaction has committed (none are deleted when
+        CXR_TRIAGE_KEEP_SUPERSEDED_RESULTS is set).
+        """
+        stale = session.scalars(
+            select(ResultObject).where(ResultObject.study_id == study.id, ResultObject.superseded_at.is_(None),
+                                       ResultObject.sop_instance_uid.not_in(current))
+        ).all()
+        for row in stale:
+            row.superseded_at = now
+            audit.record(session, actor=ACTOR, action=AuditAction.RESULT_SUPERSEDED, study=study, kind=row.kind,
+                         sop_instance_uid=row.sop_instance_uid,
+                         file_kept=bool(self.settings.keep_superseded_results))
+        if stale:
+            log.info("study id %s: %d earlier result object(s) superseded", study.id, len(stale))
+        return [self.settings.results_dir / row.path for row in stale]
+
+    def _select(self, records: Sequence[tuple[int, str, str, str]]) -> tuple[list[Selected], list[str]]:
         selected: list[Selected] = []
         refusals: list[str] = []
-        for instance_id, sop_uid, relpath in records:
+        for instance_id, sop_uid, relpath, sha256 in records:
             path = self.settings.instances_dir / relpath
             reason = ""
             try:
@@ -249,7 +298,7 @@ class Pipeline:
                 refusals.append(f"{sop_uid}: {reason}")
                 log.info("SOP %s not analysed: %s", sop_uid, reason)
             else:
-                selected.append(Selected(instance_id, ds, display))
+                selected.append(Selected(instance_id, ds, display, sha256))
         return selected, refusals
 
     def _write_results(self, study_uid: str, objects, algorithm: AlgorithmInfo):
@@ -271,8 +320,3 @@ class Pipeline:
             written.append((kind, ds, relpath, source_uid, finding))
         return written
 
-
-def result_paths(settings: Settings, database: Database, study_id: int) -> list[Path]:
-    with database.session() as session:
-        rows = session.scalars(select(ResultObject).where(ResultObject.study_id == study_id).order_by(ResultObject.id)).all()
-        return [settings.results_dir / row.path for row in rows]

@@ -7,6 +7,7 @@ Orthanc as the hospital PACS, dciodvfy on what we wrote; once on the embedded de
 
 from __future__ import annotations
 
+import io
 import os
 import shutil
 import signal
@@ -171,6 +172,33 @@ def test_chest_radiograph_comes_back_to_pacs_as_sr_and_heatmaps(service, orthanc
     assert "int8 runtime for" in service.log_text()
     dump = subprocess.run(["dsrdump", str(sr_path)], capture_output=True, text=True, timeout=60).stdout
     assert '"precision=int8"' in dump, dump[-3000:]
+
+
+def test_conformant_dx_pa_and_lateral_study_in_japanese_reaches_pacs(service, orthanc, tmp_path):
+    """A DX For Presentation PA + lateral study with every Type 1 attribute (Patient Orientation,
+    Imager Pixel Spacing) and an ISO 2022 IR 87 patient name: the PA is scored, the lateral listed
+    as not analysed, and the SR and heatmaps reach the PACS in the patient's character set."""
+    import copy
+
+    import pydicom
+
+    from tests import dicom_fixtures as fx
+
+    pa, lateral = (fx.with_character_set(copy.deepcopy(ds), "IR 87") for ds in fx.pa_lateral_study())
+    files = [fx.write(ds, tmp_path / f"{n}.dcm") for n, ds in enumerate((pa, lateral))]
+    sent = service.send(*files)
+    assert sent.returncode == 0, sent.stderr
+    item = service.wait_settled(pa.StudyInstanceUID)
+    assert item["status"] == "DONE", (item, service.log_text()[-4000:])
+    assert "ViewPosition=LL" in item["status_reason"]
+    wait_until(lambda: all(e["status"] == "EXPORTED" for e in service.study(pa.StudyInstanceUID)["exports"]),
+               120, what="export to Orthanc")
+    sr = pydicom.dcmread(io.BytesIO(_get_bytes(f"{service.api}/studies/{pa.StudyInstanceUID}/sr")))
+    assert sr.PatientName == pa.PatientName and list(sr.SpecificCharacterSet) == ["", "ISO 2022 IR 87"]
+    (found,) = orthanc_post_find(orthanc, pa.StudyInstanceUID)
+    modalities = sorted(orthanc.get(f"/series/{s}")["MainDicomTags"].get("Modality", "")
+                        for s in orthanc.get(f"/studies/{found}")["Series"])
+    assert "SR" in modalities and "OT" in modalities, modalities
 
 
 def test_non_chest_input_is_skipped_with_reason_and_no_sr(service):

@@ -13,8 +13,8 @@ from pathlib import Path
 
 import numpy as np
 import pydicom
-from dicom_node.pixels import display_array
-from dicom_node.results import build_results
+from dicom_io.pixels import display_array
+from dicom_io.results import build_results
 from tests.conftest import DATA, http_json, need, storescu, wait_until
 from triage_core.values import AlgorithmInfo, FindingResult, ImageResult
 

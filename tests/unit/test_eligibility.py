@@ -1,4 +1,4 @@
-"""dicom_node.eligibility on every reference file and on edited headers."""
+"""dicom_io.eligibility on every reference file and on edited headers."""
 
 from __future__ import annotations
 
@@ -9,7 +9,7 @@ import pydicom
 import pytest
 from pydicom.sr.coding import Code
 
-from dicom_node.eligibility import check_eligibility
+from dicom_io.eligibility import check_eligibility
 
 DATA = Path(__file__).resolve().parents[1] / "data"
 CXR_FILES = sorted((DATA / "cxr_dicom").glob("*.dcm"))

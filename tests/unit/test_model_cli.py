@@ -10,7 +10,9 @@ import pytest
 from PIL import Image
 
 from cxr_model import FINDINGS, ImageRefused, bundled_demo_path, load_image_file, load_model
+from cxr_model import ModelError
 from cxr_model.cli import info, predict_files
+from cxr_triage.dicom_input import render_heatmap
 
 PNG_DIR = Path(__file__).resolve().parents[1] / "data" / "png"
 NIH = [PNG_DIR / "00000001_000.png", PNG_DIR / "00027426_000.png"]
@@ -63,7 +65,7 @@ def test_predict_files_json_shape_and_statuses(demo_model, tmp_path):
         return default_read_image(path)
 
     out = predict_files([*NIH, notes, dicom_like, broken], bundled_demo_path(), heatmaps_dir=tmp_path / "hm",
-                        as_json=True, read_image=reader, model=demo_model)
+                        as_json=True, read_image=reader, model=demo_model, render_heatmap=render_heatmap)
     records = json.loads(out)
     assert [r["status"] for r in records] == ["ok", "ok", "skipped", "skipped", "error"]
     for r in records:
@@ -83,6 +85,11 @@ def test_predict_files_json_shape_and_statuses(demo_model, tmp_path):
     assert [p.name for p in heatmaps] == [f"00000001_000_{f}.png" for f in expected]
     with Image.open(heatmaps[0]) as im:
         assert im.mode == "RGB" and im.width == 512 and im.height > 512  # legend band below the image
+
+
+def test_heatmaps_need_the_renderer(demo_model, tmp_path):
+    with pytest.raises(ModelError, match="renderer"):
+        predict_files(NIH[:1], bundled_demo_path(), heatmaps_dir=tmp_path / "hm", model=demo_model)
 
 
 def test_predict_files_text_report(demo_model):

@@ -19,7 +19,7 @@ from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian, JPEG2000
 
 from cxr_model import FINDINGS, bundled_demo_path, load_card, load_model
 from cxr_model.preprocess import IMAGENET_MEAN, IMAGENET_STD, preprocess
-from dicom_node.pixels import display_array
+from dicom_io.pixels import display_array
 
 ROOT = Path(__file__).resolve().parents[2]
 DATA = ROOT / "tests" / "data"

@@ -1,4 +1,4 @@
-"""dicom_node.results: SR, heatmap SC and Parametric Map on every real chest
+"""dicom_io: SR, heatmap SC and Parametric Map on every real chest
 radiograph of tests/data, checked by dcmtk (dsrdump), dicom3tools (dciodvfy)
 and highdicom's readers.
 
@@ -17,6 +17,11 @@ one of `_ACCEPTED_WARNINGS` fails the test):
   Type 3 there in the current PS3.3 Table C.12-1 (highdicom's tables,
   generated from the current edition, list ContributingEquipmentSequence >
   DeviceUID); the installed dciodvfy's tables predate it.
+* "Unrecognized defined term <99CXRTRIAGE> for value 1 of attribute <Coding
+  Scheme Designator>": our private coding scheme for Pleural thickening
+  (dicom_io.codes), declared in the Coding Scheme Identification Sequence;
+  PS3.16 section 8 reserves designators starting "99" for private schemes,
+  so by definition no table lists it.
 No Laterality warning: the SC and the map say BodyPartExamined CHEST (only
 chest radiographs are analysed), so Laterality (Type 2C) does not apply.
 """
@@ -36,19 +41,13 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
-from dicom_node import _sr_codes
-from dicom_node.pixels import display_array
-from dicom_node.results import (
-    HEATMAP_SERIES_NUMBER,
-    PARAMETRIC_MAP_SERIES_NUMBER,
-    ResultObjects,
-    build_heatmaps,
-    build_parametric_maps,
-    build_results,
-    build_sr,
-    device_uid,
-    result_uid,
-)
+from dicom_io import codes as _sr_codes
+from dicom_io.pixels import display_array
+from dicom_io.pm import PARAMETRIC_MAP_SERIES_NUMBER, build_parametric_maps
+from dicom_io.results import ResultObjects, build_results
+from dicom_io.sc import HEATMAP_SERIES_NUMBER, build_heatmaps
+from dicom_io.sr import build_sr
+from dicom_io.uids import device_uid, image_key, result_uid
 from triage_core.values import AlgorithmInfo, FindingResult, ImageResult
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "cxr_dicom"
@@ -110,6 +109,7 @@ _ACCEPTED_WARNINGS = (
     "Warning - Value dubious for this VR - (0x0010,0x0010) PN Patient's Name ",
     "Warning - Value dubious for this VR - (0x0008,0x0090) PN Referring Physician's Name ",
     "Warning - Attribute is not present in standard DICOM IOD - (0x0018,0x1002) UI Device UID",
+    "Warning - Unrecognized defined term <99CXRTRIAGE> for value 1 of attribute <Coding Scheme Designator>",
     "Warning - Dicom dataset contains attributes not present in standard DICOM IOD - "
     "this is a Standard Extended SOP Class",
 )
@@ -171,7 +171,7 @@ def test_dsrdump_shows_every_finding_and_the_algorithm(nih: pydicom.Dataset, tmp
     for concept in _sr_codes.FINDING_CODES.values():
         assert f'"{concept.meaning}"' in dump
     assert '"0.1.0-demo"' in dump and '"cxr-densenet121"' in dump
-    assert "Imaging Measurement Report" in dump and "Plain chest X-ray" in dump
+    assert "Imaging Measurement Report" in dump and '(30745-4,LN,"XR Chest Views")' in dump
     assert dump.count('"Probability"') == 14 and dump.count("Tracking Unique Identifier") == 14
     assert '"English (United States)"' in dump and "Device Observer UID" in dump
     assert '"operating threshold 0.5000' in dump and '"Image Library"' in dump
@@ -388,6 +388,21 @@ def test_heatmap_legend_is_burned_in(nih: pydicom.Dataset) -> None:
     assert "NOT FOR DIAGNOSTIC USE" in image.ImageComments and "DEMO WEIGHTS" in image.ImageComments
 
 
+def test_secondary_capture_shows_what_predict_heatmaps_draws(nih: pydicom.Dataset) -> None:
+    """One renderer: the SC's pixels are the picture `cxr-triage predict --heatmaps` writes for the same inputs."""
+    from cxr_triage.dicom_input import render_heatmap
+
+    display, result, cams = display_array(nih), _result(nih), _cams()
+    images = build_heatmaps(nih, display, result, cams, DEMO)
+    for image, finding in zip(images, result.positive, strict=True):
+        picture = render_heatmap(
+            display, cams[finding.finding], finding=finding.finding, probability=finding.probability,
+            threshold=finding.threshold, present=True, summary=False, model_name=DEMO.name,
+            model_version=DEMO.version, demo=DEMO.demo,
+        )
+        np.testing.assert_array_equal(image.pixel_array, picture)
+
+
 def test_tracking_uids_are_stable_per_source_model_and_finding(nih: pydicom.Dataset, cr: pydicom.Dataset) -> None:
     first = _tracking_uids(build_sr([nih], [_result(nih)], DEMO))
     # Other probabilities (present/absent changes too): same tracking UIDs.
@@ -442,7 +457,7 @@ def test_parametric_map_holds_the_cam_on_the_source_grid(nih: pydicom.Dataset, t
     assert reference.ReferencedSOPInstanceUID == nih.SOPInstanceUID and reference.SpatialLocationsPreserved == "YES"
     assert pm.StudyInstanceUID == nih.StudyInstanceUID and pm.get("PatientID") == nih.get("PatientID")
     assert pm.SeriesInstanceUID != nih.SeriesInstanceUID and pm.SeriesNumber == PARAMETRIC_MAP_SERIES_NUMBER
-    assert pm.FrameOfReferenceUID == result_uid(str(nih.SOPInstanceUID), DEMO, "parametric-map-frame-of-reference")
+    assert pm.FrameOfReferenceUID == result_uid(image_key(result), DEMO, "parametric-map-frame-of-reference")
     assert pm.ContentDescription == "NOT FOR DIAGNOSTIC USE; DEMO WEIGHTS; CAM of Cardiomegaly"
     assert "NOT FOR DIAGNOSTIC USE" in pm.ImageComments and "DEMO WEIGHTS" in pm.ImageComments
     assert pm.SeriesDescription.endswith("DEMO WEIGHTS")

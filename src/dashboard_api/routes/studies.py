@@ -50,6 +50,7 @@ def read_study(session: SessionDep, actor: ActorDep, study_instance_uid: StudyIn
     per_image: dict[str, list[FindingPublic]] = defaultdict(list)
     for finding in study.findings:  # in insertion order: the model's label order
         per_image[finding.sop_instance_uid].append(FindingPublic.model_validate(finding))
+    current = [r for r in study.results if r.superseded_at is None]  # superseded objects are history only
     counts = crud.ExportCounts(
         total=len(study.exports),
         exported=sum(e.status == ExportStatus.EXPORTED for e in study.exports),
@@ -62,8 +63,8 @@ def read_study(session: SessionDep, actor: ActorDep, study_instance_uid: StudyIn
         last_instance_at=study.last_instance_at,
         images=[ImageFindingsPublic(sop_instance_uid=uid, findings=f) for uid, f in per_image.items()],
         instances=[InstancePublic.model_validate(i) for i in study.instances],
-        results=[ResultObjectPublic.model_validate(r) for r in study.results],
-        heatmap_sop_instance_uids=[r.sop_instance_uid for r in study.results if r.kind == ResultKind.HEATMAP],
+        results=[ResultObjectPublic.model_validate(r) for r in current],
+        heatmap_sop_instance_uids=[r.sop_instance_uid for r in current if r.kind == ResultKind.HEATMAP],
         export=export_summary(counts),
         exports=[ExportPublic.model_validate(e) for e in study.exports],
         jobs=[JobPublic.model_validate(j) for j in study.jobs],
