@@ -30,6 +30,12 @@ def _parser() -> argparse.ArgumentParser:
     db = sub.add_parser("db", help="database maintenance")
     db_sub = db.add_subparsers(dest="db_command", required=True)
     db_sub.add_parser("upgrade", help="apply migrations")
+    export = sub.add_parser("export", help="result exports to PACS")
+    export_sub = export.add_subparsers(dest="export_command", required=True)
+    retry = export_sub.add_parser("retry", help="send a study's results again, or every export that gave up (audited)")
+    which = retry.add_mutually_exclusive_group(required=True)
+    which.add_argument("--study", metavar="STUDY_INSTANCE_UID", help="every export of this study")
+    which.add_argument("--failed", action="store_true", help="every export in EXPORT_FAILED")
     demo = sub.add_parser("demo", help="C-STORE the bundled sample studies to a running node and print the worklist")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for results")
@@ -144,6 +150,8 @@ def main(argv: list[str] | None = None) -> int:
         runtime.run_api(settings)
     elif args.command == "db":
         runtime.upgrade_database(settings)
+    elif args.command == "export":
+        return runtime.retry_exports(settings, study_instance_uid=args.study, failed=args.failed)
     elif args.command == "demo":
         from .demo import run_demo
 

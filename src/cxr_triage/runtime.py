@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import ctypes
 import logging
 import os
 import signal
@@ -43,6 +44,32 @@ def upgrade_database(settings: Settings) -> None:
     config.attributes["configure_logging"] = False
     command.upgrade(config, "head")
     log.info("database schema is at head (%s)", _safe_url(settings.database_url))
+
+
+def retry_exports(settings: Settings, *, study_instance_uid: str | None, failed: bool) -> int:
+    """`cxr-triage export retry`: make the exports pending and due now, and publish them; audited with
+    the operating-system user as the actor. Exit 1 when nothing matched."""
+    import getpass
+
+    from triage_core import work
+    from worker.celery_app import Publisher, make_celery
+    from worker.tasks import publish_exports
+
+    database = Database(settings.database_url)
+    try:
+        with database.session() as session:
+            exports = work.request_export_retry(session, actor=f"cli:{getpass.getuser()}",
+                                                study_instance_uid=study_instance_uid, failed=failed)
+            rows = [(e.id, e.destination, e.study.study_instance_uid) for e in exports]
+        if not rows:
+            print("no export matched" + (f" for study {study_instance_uid}" if study_instance_uid else ""))
+            return 1
+        publish_exports(database, Publisher(make_celery(settings)), [export_id for export_id, _, _ in rows])
+        for export_id, destination, study_uid in rows:
+            print(f"export {export_id}: study {study_uid} to {destination}: pending, due now")
+        return 0
+    finally:
+        database.dispose()
 
 
 def _safe_url(url: str) -> str:
@@ -118,6 +145,23 @@ def load_model_for(settings: Settings, path=None, threads: int | None = None):
     return model
 
 
+PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
+
+
+def die_with_parent(sig: int = signal.SIGTERM, parent_pid: int | None = None) -> None:
+    """Ask Linux to send `sig` to this process when its parent dies (prctl PR_SET_PDEATHSIG), so that
+    no child of `serve` (or of the Celery worker) outlives it, even after a kill -9. If the parent is
+    already gone (it died before the request), act on it now."""
+    if not sys.platform.startswith("linux"):
+        return
+    libc = ctypes.CDLL(None, use_errno=True)
+    if libc.prctl(PR_SET_PDEATHSIG, int(sig), 0, 0, 0) != 0:
+        log.warning("prctl(PR_SET_PDEATHSIG) failed: errno %s", ctypes.get_errno())
+        return
+    if parent_pid is not None and os.getppid() != parent_pid:
+        os.kill(os.getpid(), sig)
+
+
 def _wait_for_signal() -> None:
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
@@ -128,23 +172,25 @@ def _wait_for_signal() -> None:
 
 def run_node(settings: Settings) -> None:
     from dicom_node.ingest import IngestService
-    from dicom_node.readiness import ReadinessLoop
+    from dicom_node.readiness import Scheduler
     from dicom_node.scp import start_scp
-    from worker.celery_app import enqueuer, make_celery
+    from triage_core.work import WorkPolicy
+    from worker.celery_app import Publisher, make_celery
 
     settings.ensure_dirs()
     database = Database(settings.database_url)
-    celery_app = make_celery(settings)
+    publisher = Publisher(make_celery(settings))
     ingest = IngestService(settings, database)
     server = start_scp(settings, ingest)
-    loop = ReadinessLoop(database, settings.series_quiet_seconds, enqueuer(celery_app))
-    loop.start()
+    scheduler = Scheduler(database, settings.series_quiet_seconds, publisher.job, publisher.export,
+                          WorkPolicy.from_settings(settings), settings.sweep_interval_seconds)
+    scheduler.start()
     try:
         _wait_for_signal()
     finally:
         log.info("node stopping")
         server.shutdown()
-        loop.stop()
+        scheduler.stop()
         database.dispose()
 
 
@@ -172,8 +218,19 @@ def run_worker(settings: Settings) -> None:
         except Exception:
             log.exception("model failed to load; jobs will fail with the reason until it does")
 
-    signal_name = "worker_process_init" if pool == "prefork" else "worker_ready"
-    getattr(celery_signals, signal_name).connect(warm, weak=False)
+    def pool_child(**kwargs):
+        # A SIGTERM to the whole process group (systemd's KillMode=control-group, Ctrl-C's SIGINT is
+        # already ignored by Celery's children) must reach only the main process, which then drains
+        # the pool: a child killed under it deadlocks Celery's pool shutdown. A child never outlives
+        # its main process, not even a kill -9 of it.
+        signal.signal(signal.SIGTERM, signal.SIG_IGN)
+        die_with_parent(signal.SIGKILL)
+        warm(**kwargs)
+
+    if pool == "prefork":
+        celery_signals.worker_process_init.connect(pool_child, weak=False)
+    else:
+        celery_signals.worker_ready.connect(warm, weak=False)
     app.worker_main([
         "worker", f"--loglevel={settings.log_level}", f"--pool={pool}",
         f"--concurrency={plan.concurrency}", "-Q", QUEUE,
@@ -191,36 +248,84 @@ def run_api(settings: Settings) -> None:
     uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info")
 
 
+#: A child that dies is started again after this long, doubling per quick death, at most the maximum.
+RESTART_BACKOFF_SECONDS = 1.0
+RESTART_BACKOFF_MAX_SECONDS = 60.0
+#: A child that ran this long before dying counts as a fresh failure (the backoff starts again).
+STABLE_SECONDS = 60.0
+#: A child that dies this many times in a row within a few seconds of its start cannot start (a port
+#: in use, a bad setting): serve stops everything and says so.
+START_FAILURES = 5
+STOP_TIMEOUT_SECONDS = 20.0
+
+
+@dataclass
+class _Child:
+    name: str
+    process: subprocess.Popen | None = None
+    started: float = 0.0
+    failures: int = 0
+    quick_failures: int = 0
+    restart_at: float | None = None
+
+
 def run_serve(settings: Settings) -> int:
-    """Node + worker + API as three processes; Ctrl-C or SIGTERM stops all of them."""
+    """Node + worker + API as three supervised processes.
+
+    They are in serve's process group and die with it (PR_SET_PDEATHSIG), even after a kill -9 of
+    serve. A child that dies is started again with backoff while the others keep running (reception
+    never stops because inference died). SIGINT or SIGTERM (to serve alone or to the whole group)
+    stops all of them within STOP_TIMEOUT_SECONDS.
+    """
     upgrade_database(settings)
+    parent = os.getpid()
     executable = [sys.executable, "-m", "cxr_triage.cli"]
-    children: dict[str, subprocess.Popen] = {}
-    for service in ("node", "worker", "api"):
-        children[service] = subprocess.Popen(executable + [service], start_new_session=True)
-    log.info("serving: DICOM %s on port %s, API http://%s:%s, worker pid %s", settings.ae_title,
-             settings.dicom_port, settings.api_host, settings.api_port, children["worker"].pid)
+    children = {name: _Child(name) for name in ("node", "worker", "api")}
+
+    def start(child: _Child) -> None:
+        child.process = subprocess.Popen(executable + [child.name],
+                                         preexec_fn=lambda: die_with_parent(signal.SIGTERM, parent))
+        child.started = time.monotonic()
+        child.restart_at = None
+        log.info("started %s (pid %s)", child.name, child.process.pid)
+
+    for child in children.values():
+        start(child)
+    log.info("serving: DICOM %s on port %s, API http://%s:%s", settings.ae_title, settings.dicom_port,
+             settings.api_host, settings.api_port)
     stop = threading.Event()
     for sig in (signal.SIGINT, signal.SIGTERM):
         signal.signal(sig, lambda *_: stop.set())
     exit_code = 0
     while not stop.is_set():
-        for name, child in children.items():
-            if child.poll() is not None:
-                log.error("%s exited with %s; stopping the others", name, child.returncode)
-                exit_code = child.returncode or 1
-                stop.set()
-        stop.wait(0.5)
-    for child in children.values():
-        if child.poll() is None:
-            child.send_signal(signal.SIGTERM)
-    deadline = time.monotonic() + 20
-    for name, child in children.items():
+        now = time.monotonic()
+        for child in children.values():
+            if child.process is not None and child.process.poll() is not None:
+                ran = now - child.started
+                child.failures = 1 if ran >= STABLE_SECONDS else child.failures + 1
+                child.quick_failures = child.quick_failures + 1 if ran < 5 else 0
+                delay = min(RESTART_BACKOFF_MAX_SECONDS, RESTART_BACKOFF_SECONDS * 2 ** (child.failures - 1))
+                log.error("%s exited with %s after %.0f s; starting it again in %.0f s", child.name,
+                          child.process.returncode, ran, delay)
+                child.process = None
+                child.restart_at = now + delay
+                if child.quick_failures >= START_FAILURES:
+                    log.error("%s cannot start (%d quick exits in a row); stopping", child.name, child.quick_failures)
+                    exit_code = 1
+                    stop.set()
+            elif child.process is None and child.restart_at is not None and now >= child.restart_at:
+                start(child)
+        stop.wait(0.25)
+    running = [c for c in children.values() if c.process is not None and c.process.poll() is None]
+    for child in running:
+        child.process.send_signal(signal.SIGTERM)
+    deadline = time.monotonic() + STOP_TIMEOUT_SECONDS
+    for child in running:
         try:
-            child.wait(timeout=max(0.1, deadline - time.monotonic()))
+            child.process.wait(timeout=max(0.1, deadline - time.monotonic()))
         except subprocess.TimeoutExpired:
-            log.warning("%s did not stop in time; killing it", name)
-            child.kill()
-            child.wait()
+            log.warning("%s did not stop in %.0f s; killing it", child.name, STOP_TIMEOUT_SECONDS)
+            child.process.kill()
+            child.process.wait()
     log.info("stopped")
     return exit_code

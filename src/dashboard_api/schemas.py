@@ -112,6 +112,8 @@ class ExportPublic(_Output):
     attempts: int
     last_error: str
     updated_at: datetime
+    next_attempt_at: datetime | None = Field(
+        default=None, description="While pending: no attempt before this time (backoff after a failure)")
 
 
 class InstancePublic(_Output):

@@ -1,19 +1,24 @@
-"""Quiet-period detection: a study whose series have been quiet for N seconds becomes READY.
+"""The node's scheduler: quiet-period detection and the sweeper.
 
-The enqueue callable is injected by the composition root (dicom_node does not import worker).
-It runs only after the transaction that created the job has committed.
+A study whose series have been quiet for N seconds becomes READY with a QUEUED job, whose id is
+published once the transaction has committed. Every `sweep_interval`, the one process across hosts
+that holds the sweeper's lease runs `triage_core.work.sweep`: expired leases taken back, jobs that
+lost their worker too often FAILED, lost messages and due exports published again.
+
+The publish callables are injected by the composition root (dicom_node does not import worker).
 """
 
 from __future__ import annotations
 
 import logging
 import threading
+import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
 from sqlalchemy import select
 
-from triage_core import audit
+from triage_core import audit, work
 from triage_core.db import Database
 from triage_core.models import Job, Study
 from triage_core.states import AuditAction, JobStatus, StudyStatus
@@ -22,6 +27,7 @@ log = logging.getLogger(__name__)
 ACTOR = audit.SYSTEM_ACTORS["node"]
 
 Enqueue = Callable[[int], None]
+_PUBLISH_ERROR = "publishing to the broker failed, will retry"
 
 
 def mark_quiet_studies_ready(database: Database, quiet_seconds: float, now: datetime | None = None) -> list[int]:
@@ -69,16 +75,55 @@ def send_pending_jobs(database: Database, enqueue: Enqueue) -> int:
     return sent
 
 
-class ReadinessLoop:
-    """A background thread: every `interval` seconds, mark quiet studies ready and send their jobs."""
+def run_sweeper(database: Database, policy: work.WorkPolicy, holder: str, publish_job: Enqueue,
+                publish_export: Enqueue, lease_ttl: timedelta) -> work.SweepResult | None:
+    """One sweep if this process holds (or takes) the sweeper's lease; None when another does."""
+    with database.session() as session:
+        if not work.acquire_lease(session, work.SWEEPER_LEASE, holder, lease_ttl):
+            return None
+    with database.session() as session:
+        result = work.sweep(session, policy)
+    if result.jobs_requeued or result.jobs_failed or result.exports_reclaimed:
+        log.warning("sweeper: jobs queued again %s, jobs failed (worker lost too often) %s, exports taken back %s",
+                    result.jobs_requeued, result.jobs_failed, result.exports_reclaimed)
+    unsent_jobs = _publish(result.publish_jobs, publish_job, "job")
+    unsent_exports = _publish(result.publish_exports, publish_export, "export")
+    if unsent_jobs or unsent_exports:
+        with database.session() as session:  # to be published again at the next sweep
+            work.mark_unpublished(session, job_ids=unsent_jobs, export_ids=unsent_exports)
+    return result
 
-    def __init__(self, database: Database, quiet_seconds: float, enqueue: Enqueue, interval: float = 0.5) -> None:
+
+def _publish(ids: list[int], publish: Enqueue, what: str) -> list[int]:
+    """Publish each id; the ids that could not be (the broker is away) are returned."""
+    for index, item in enumerate(ids):
+        try:
+            publish(item)
+        except Exception as exc:
+            log.warning("%s: %s %s: %s", _PUBLISH_ERROR, what, item, exc)
+            return ids[index:]
+    if ids:
+        log.info("sweeper published %s(s) %s", what, ids)
+    return []
+
+
+class Scheduler:
+    """A background thread: every `interval` seconds, mark quiet studies ready and send their jobs;
+    every `sweep_interval` seconds, sweep (when this process holds the sweeper's lease)."""
+
+    def __init__(self, database: Database, quiet_seconds: float, publish_job: Enqueue, publish_export: Enqueue,
+                 policy: work.WorkPolicy, sweep_interval: float, interval: float = 0.5) -> None:
         self.database = database
         self.quiet_seconds = quiet_seconds
-        self.enqueue = enqueue
+        self.publish_job = publish_job
+        self.publish_export = publish_export
+        self.policy = policy
+        self.sweep_interval = sweep_interval
         self.interval = interval
+        self.holder = work.holder_id()
+        self._next_sweep = 0.0
         self._stop = threading.Event()
-        self._thread = threading.Thread(target=self._run, name="readiness", daemon=True)
+        self._thread = threading.Thread(target=self._run, name="scheduler", daemon=True)
 
     def start(self) -> None:
         self._thread.start()
@@ -89,12 +134,17 @@ class ReadinessLoop:
 
     def tick(self) -> None:
         mark_quiet_studies_ready(self.database, self.quiet_seconds)
-        send_pending_jobs(self.database, self.enqueue)
+        send_pending_jobs(self.database, self.publish_job)
+        now = time.monotonic()
+        if now >= self._next_sweep:
+            self._next_sweep = now + self.sweep_interval
+            run_sweeper(self.database, self.policy, self.holder, self.publish_job, self.publish_export,
+                        lease_ttl=timedelta(seconds=3 * self.sweep_interval))
 
     def _run(self) -> None:
         while not self._stop.is_set():
             try:
                 self.tick()
             except Exception:
-                log.exception("readiness loop iteration failed; retrying")
+                log.exception("scheduler iteration failed; retrying")
             self._stop.wait(self.interval)

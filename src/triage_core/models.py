@@ -101,18 +101,24 @@ class Instance(Base):
 
 
 class Job(Base):
+    """One analysis of a study. This row, not the broker, is the truth about the work (triage_core.work)."""
+
     __tablename__ = "jobs"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
     created_at: Mapped[datetime] = mapped_column(AwareDateTime, default=utcnow)
-    #: Set once the message is on the broker; the node re-sends unsent jobs.
+    #: When a message for this job was last put on the broker (None: to be sent).
     enqueued_at: Mapped[datetime | None] = mapped_column(AwareDateTime, nullable=True)
     started_at: Mapped[datetime | None] = mapped_column(AwareDateTime, nullable=True)
     finished_at: Mapped[datetime | None] = mapped_column(AwareDateTime, nullable=True)
+    #: How many times a worker started it.
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     error: Mapped[str] = mapped_column(Text, default="")
+    #: While RUNNING: the worker holding it ("host:pid:start") and until when; renewed while it works.
+    locked_by: Mapped[str] = mapped_column(String(128), default="")
+    locked_until: Mapped[datetime | None] = mapped_column(AwareDateTime, nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="jobs")
 
@@ -156,18 +162,38 @@ class ResultObject(Base):
 
 
 class Export(Base):
+    """The results of a study going to one destination, with its retry schedule (triage_core.work)."""
+
     __tablename__ = "exports"
     __table_args__ = (UniqueConstraint("study_id", "destination"),)
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
     destination: Mapped[str] = mapped_column(String(300))
-    status: Mapped[str] = mapped_column(String(16))
+    status: Mapped[str] = mapped_column(String(16), index=True)
     attempts: Mapped[int] = mapped_column(Integer, default=0)
     last_error: Mapped[str] = mapped_column(Text, default="")
     updated_at: Mapped[datetime] = mapped_column(AwareDateTime, default=utcnow, onupdate=utcnow)
+    #: Since when the current results wait for this destination (the give-up window counts from here).
+    pending_since: Mapped[datetime | None] = mapped_column(AwareDateTime, nullable=True)
+    #: No attempt before this time (exponential backoff with jitter after a failure).
+    next_attempt_at: Mapped[datetime | None] = mapped_column(AwareDateTime, nullable=True)
+    #: When a message for this export was last put on the broker (None: to be sent when due).
+    enqueued_at: Mapped[datetime | None] = mapped_column(AwareDateTime, nullable=True)
+    locked_by: Mapped[str] = mapped_column(String(128), default="")
+    locked_until: Mapped[datetime | None] = mapped_column(AwareDateTime, nullable=True)
 
     study: Mapped[Study] = relationship(back_populates="exports")
+
+
+class Lease(Base):
+    """A named lease held by one process at a time across hosts (the sweeper's)."""
+
+    __tablename__ = "leases"
+
+    name: Mapped[str] = mapped_column(String(64), primary_key=True)
+    holder: Mapped[str] = mapped_column(String(128), default="")
+    until: Mapped[datetime] = mapped_column(AwareDateTime)
 
 
 class AuditEvent(Base):

@@ -81,8 +81,22 @@ class Settings(BaseSettings):
     #: Keep the files of result objects that a re-analysis of the study no longer
     #: makes (they are never exported again nor listed); False deletes them.
     keep_superseded_results: bool = False
-    export_retries: int = Field(5, ge=0)
-    export_backoff_seconds: float = Field(2.0, ge=0)
+    # The work queue (triage_core.work): SQL is the truth, the broker only carries wake-ups.
+    #: A RUNNING job or export holds a lease this long, renewed every third of it while it works.
+    job_lease_seconds: float = Field(60.0, gt=0)
+    #: A job whose worker was lost this many times ends FAILED ("worker lost N times").
+    job_max_attempts: int = Field(3, ge=1)
+    #: A job still running after this long stops renewing its lease, so that another worker takes it.
+    job_max_seconds: float = Field(1800.0, gt=0)
+    #: Queued work whose message is older than this is published again (the broker may have lost it).
+    requeue_after_seconds: float = Field(300.0, gt=0)
+    #: How often the node's scheduler runs the sweeper (one sweeper at a time across hosts).
+    sweep_interval_seconds: float = Field(5.0, gt=0)
+    #: Export retries: exponential backoff from this base, with jitter, each wait at most
+    #: export_max_delay_seconds, until the destination has refused for export_give_up_hours.
+    export_backoff_seconds: float = Field(10.0, gt=0)
+    export_max_delay_seconds: float = Field(600.0, gt=0)
+    export_give_up_hours: float = Field(24.0, gt=0)
     max_pdu_size: int = Field(0, ge=0)
     log_level: str = "INFO"
 

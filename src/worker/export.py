@@ -9,49 +9,64 @@ from pathlib import Path
 from sqlalchemy import select
 
 from dicom_node.scu import ExportError, send_files
-from triage_core import audit
+from triage_core import audit, work
 from triage_core.db import Database
 from triage_core.models import Export, ResultObject
 from triage_core.settings import Destination, Settings
 from triage_core.states import AuditAction, ExportStatus
+from triage_core.work import WorkPolicy
+
+from .leases import LeaseKeeper
 
 
 log = logging.getLogger(__name__)
 ACTOR = audit.SYSTEM_ACTORS["worker"]
 
 
-def export_once(settings: Settings, database: Database, export_id: int, *, final_attempt: bool) -> str:
-    """One attempt. Returns the new status; raises ExportError when a retry should follow."""
+def export_once(settings: Settings, database: Database, export_id: int, *, now=None) -> str:
+    """One attempt, if the export is due and nobody else holds it. Returns its status afterwards:
+    EXPORTED, EXPORT_PENDING (rescheduled with backoff) or EXPORT_FAILED (given up), or why nothing
+    was done (GONE, NOT_DUE, HELD)."""
+    policy = WorkPolicy.from_settings(settings)
+    holder = work.holder_id()
     with database.session() as session:
-        export = session.get(Export, export_id)
+        export = work.claim_export(session, export_id, holder, policy, now)
         if export is None:
-            log.info("export %s is gone: nothing to do", export_id)
-            return "GONE"
-        if export.status == ExportStatus.EXPORTED:
-            return export.status
+            existing = session.get(Export, export_id)
+            if existing is None:
+                log.info("export %s is gone: nothing to do", export_id)
+                return "GONE"
+            if existing.status != ExportStatus.EXPORT_PENDING:
+                return existing.status
+            return "HELD" if existing.locked_until is not None else "NOT_DUE"
         destination = Destination.parse(export.destination)
         study_id = export.study_id
     paths = result_paths(settings, database, study_id)
     error = ""
-    try:
-        if not paths:
-            raise ExportError("no result objects to export")
-        send_files(destination, paths, calling_ae_title=settings.ae_title)
-        status = ExportStatus.EXPORTED
-    except (ExportError, OSError) as exc:
-        error = str(exc)
-        status = ExportStatus.EXPORT_FAILED if final_attempt else ExportStatus.EXPORT_PENDING
+    renew = lambda session: work.renew_export(session, export_id, holder, policy)  # noqa: E731
+    with LeaseKeeper(database, renew, policy, f"export {export_id}"):
+        try:
+            if not paths:
+                raise ExportError("no result objects to export")
+            send_files(destination, paths, calling_ae_title=settings.ae_title)
+        except (ExportError, OSError) as exc:
+            error = str(exc) or type(exc).__name__
     with database.session() as session:
-        export = session.get(Export, export_id)
-        export.attempts += 1
-        export.status = str(status)
-        export.last_error = error
+        export = session.get(Export, export_id, with_for_update=True, populate_existing=True)
+        if export is None or export.locked_by != holder or export.status != ExportStatus.EXPORT_PENDING:
+            log.warning("export %s: its lease was taken back while it ran; leaving it to its new holder", export_id)
+            return "HELD"
+        if error:
+            work.export_failed(export, error, policy, now)
+        else:
+            work.export_succeeded(export, now)
         audit.record(session, actor=ACTOR, action=AuditAction.EXPORT_STATUS, study=export.study,
-                     destination=export.destination, status=str(status), attempt=export.attempts, error=error)
-    log.info("export %s of study id %s to %s: %s%s", export_id, study_id, destination, status,
-             f" ({error})" if error else "")
-    if status == ExportStatus.EXPORT_PENDING:
-        raise ExportError(error)
+                     destination=export.destination, status=export.status, attempt=export.attempts, error=error,
+                     next_attempt_at=export.next_attempt_at.isoformat() if export.next_attempt_at else None)
+        status, next_attempt = export.status, export.next_attempt_at
+    log.info("export %s of study id %s to %s: %s%s%s", export_id, study_id, destination, status,
+             f" ({error})" if error else "",
+             f"; next attempt at {next_attempt:%H:%M:%S}" if status == ExportStatus.EXPORT_PENDING else "")
     return str(status)
 
 

@@ -22,7 +22,8 @@ from dicom_io.eligibility import check_eligibility
 from dicom_io.pixels import PixelRefused, display_array
 from dicom_io.results import build_results
 from dicom_io.sr import sr_uid
-from triage_core import audit
+from triage_core import audit, work
+from .leases import LeaseKeeper
 from triage_core.db import Database
 from triage_core.models import Export, Finding, Instance, Job, ResultObject, Study
 from triage_core.priority import compute_priority, keep_priority
@@ -66,12 +67,17 @@ class JobOutcome:
     export_ids: tuple[int, ...] = ()
 
 
+class LeaseLost(Exception):
+    """The job's lease was taken back (this worker stalled past it); another worker has the job."""
+
+
 class Pipeline:
     """Runs one job against a loaded model. `model` is a cxr_model model (card + predict)."""
 
     def __init__(self, settings: Settings, database: Database, model_loader: Callable[[], object]) -> None:
         self.settings = settings
         self.database = database
+        self.policy = work.WorkPolicy.from_settings(settings)
         self._model_loader = model_loader
         self._model = None
 
@@ -84,52 +90,70 @@ class Pipeline:
     # -- the job -------------------------------------------------------------------------
 
     def run_job(self, job_id: int) -> JobOutcome:
+        """Claim the job (a duplicate or late message finds it held or finished and does nothing),
+        hold its lease while working, and finish it only while still holding it."""
+        holder = work.holder_id()
         with self.database.session() as session:
-            job = session.get(Job, job_id)
+            job = work.claim_job(session, job_id, holder, self.policy)
             if job is None:
-                log.info("job %s is gone: nothing to do", job_id)
-                return JobOutcome("GONE")
-            if job.status in (JobStatus.DONE, JobStatus.FAILED):
-                log.info("job %s already %s: nothing to do", job_id, job.status)
-                return JobOutcome(job.status)
+                existing = session.get(Job, job_id)
+                if existing is None:
+                    log.info("job %s is gone: nothing to do", job_id)
+                    return JobOutcome("GONE")
+                log.info("job %s is %s%s: nothing to do", job_id, existing.status,
+                         f" (held by {existing.locked_by})" if existing.status == JobStatus.RUNNING else "")
+                return JobOutcome(existing.status if existing.status in (JobStatus.DONE, JobStatus.FAILED) else "HELD")
             study = job.study
+            if job.attempts > self.policy.max_attempts:
+                # Its earlier workers died with it (their leases were taken back): a poison study.
+                reason = f"worker lost {job.attempts - 1} times"
+                self._finish(session, job, study, StudyStatus.FAILED, reason, job_error=reason)
+                log.error("job %s (study id %s) FAILED: %s", job_id, study.id, reason)
+                return JobOutcome(str(StudyStatus.FAILED), reason)
             if study.status not in (StudyStatus.READY, StudyStatus.PROCESSING):
                 # New instances arrived after this job was made; a newer job will follow.
-                job.status = str(JobStatus.DONE)
-                job.error = f"superseded: study is {study.status}"
-                job.finished_at = datetime.now(timezone.utc)
+                work.release_job(job, JobStatus.DONE, f"superseded: study is {study.status}")
                 return JobOutcome("SUPERSEDED", job.error)
-            job.status = str(JobStatus.RUNNING)
-            job.attempts += 1
-            job.started_at = datetime.now(timezone.utc)
-            audit.set_status(session, study, StudyStatus.PROCESSING, actor=ACTOR, reason=f"job {job_id}")
+            audit.set_status(session, study, StudyStatus.PROCESSING, actor=ACTOR,
+                             reason=f"job {job_id} (attempt {job.attempts} of {self.policy.max_attempts})")
             study_id = study.id
-        log.info("job %s: processing study id %s", job_id, study_id)
-        try:
-            outcome = self._process(job_id, study_id)
-        except Exception as exc:
-            log.exception("job %s (study id %s) failed", job_id, study_id)
-            reason = f"{type(exc).__name__}: {exc}"[:2000]
-            self._finish(job_id, study_id, StudyStatus.FAILED, reason, job_error=reason)
-            return JobOutcome(str(StudyStatus.FAILED), reason)
-        return outcome
+        log.info("job %s: processing study id %s (attempt %d)", job_id, study_id, job.attempts)
+        renew = lambda session: work.renew_job(session, job_id, holder, self.policy)  # noqa: E731
+        with LeaseKeeper(self.database, renew, self.policy, f"job {job_id}"):
+            try:
+                return self._process(job_id, study_id, holder)
+            except LeaseLost:
+                log.warning("job %s (study id %s): its lease was taken back while it ran; its results are "
+                            "left to the worker that holds it now", job_id, study_id)
+                return JobOutcome("LOST")
+            except Exception as exc:
+                log.exception("job %s (study id %s) failed", job_id, study_id)
+                reason = f"{type(exc).__name__}: {exc}"[:2000]
+                with self.database.session() as session:
+                    job = self._owned(session, job_id, holder)
+                    self._finish(session, job, session.get(Study, study_id), StudyStatus.FAILED, reason,
+                                 job_error=reason)
+                return JobOutcome(str(StudyStatus.FAILED), reason)
 
-    def _finish(self, job_id: int, study_id: int, status: StudyStatus, reason: str, job_error: str = "") -> bool:
+    @staticmethod
+    def _owned(session, job_id: int, holder: str) -> Job:
+        job = work.owns_job(session, job_id, holder)
+        if job is None:
+            raise LeaseLost(job_id)
+        return job
+
+    @staticmethod
+    def _finish(session, job: Job, study: Study, status: StudyStatus, reason: str, job_error: str = "") -> bool:
         """End the job; the study takes `status` only if nothing new arrived meanwhile."""
-        with self.database.session() as session:
-            job = session.get(Job, job_id)
-            job.status = str(JobStatus.FAILED if status is StudyStatus.FAILED else JobStatus.DONE)
-            job.error = job_error
-            job.finished_at = datetime.now(timezone.utc)
-            study = session.get(Study, study_id)
-            if study.status != StudyStatus.PROCESSING:
-                log.info("study id %s changed to %s while job %s ran; a new job will follow",
-                         study_id, study.status, job_id)
-                return False
-            audit.set_status(session, study, status, actor=ACTOR, reason=reason)
-            return True
+        work.release_job(job, JobStatus.FAILED if status is StudyStatus.FAILED else JobStatus.DONE, job_error)
+        if study.status not in (StudyStatus.PROCESSING, StudyStatus.READY):
+            log.info("study id %s changed to %s while job %s ran; a new job will follow",
+                     study.id, study.status, job.id)
+            return False
+        audit.set_status(session, study, status, actor=ACTOR, reason=reason)
+        return True
 
-    def _process(self, job_id: int, study_id: int) -> JobOutcome:
+    def _process(self, job_id: int, study_id: int, holder: str) -> JobOutcome:
         with self.database.session() as session:
             instances = session.scalars(
                 select(Instance).where(Instance.study_id == study_id).order_by(Instance.id)
@@ -140,7 +164,9 @@ class Pipeline:
         selected, refusals = self._select(records)
         if not selected:
             reason = "no eligible frontal chest radiograph: " + "; ".join(refusals or ["no instances"])
-            self._finish(job_id, study_id, StudyStatus.SKIPPED, reason)
+            with self.database.session() as session:
+                self._finish(session, self._owned(session, job_id, holder), session.get(Study, study_id),
+                             StudyStatus.SKIPPED, reason)
             log.info("job %s: study id %s SKIPPED (%d instance(s) ineligible)", job_id, study_id, len(refusals))
             return JobOutcome(str(StudyStatus.SKIPPED), reason)
 
@@ -181,6 +207,7 @@ class Pipeline:
             reason += f" ({len(refusals)} other instance(s) not analysed: " + "; ".join(refusals) + ")"
 
         with self.database.session() as session:
+            job = self._owned(session, job_id, holder)  # and locked until this transaction ends
             study = session.get(Study, study_id)
             session.execute(delete(Finding).where(Finding.study_id == study_id))
             for result in image_results:
@@ -212,24 +239,14 @@ class Pipeline:
             study.model_name = algorithm.name
             study.model_version = algorithm.version
             study.model_demo = algorithm.demo
-            export_ids = []
-            for destination in self.settings.export_destinations:
-                export = session.scalar(select(Export).where(
-                    Export.study_id == study_id, Export.destination == str(destination)))
-                if export is None:
-                    export = Export(study_id=study_id, destination=str(destination))
-                    session.add(export)
-                export.status = str(ExportStatus.EXPORT_PENDING)
-                export.attempts = 0
-                export.last_error = ""
-                session.flush()
-                audit.record(session, actor=ACTOR, action=AuditAction.EXPORT_STATUS, study=study,
-                             destination=str(destination), status=str(ExportStatus.EXPORT_PENDING))
-                export_ids.append(export.id)
+            export_ids = [
+                work.schedule_export(session, study, str(destination)).id
+                for destination in self.settings.export_destinations
+            ]
+            done = self._finish(session, job, study, StudyStatus.DONE, reason)
         if not self.settings.keep_superseded_results:
             for path in retired:
                 path.unlink(missing_ok=True)
-        done = self._finish(job_id, study_id, StudyStatus.DONE, reason)
         log.info("job %s: study id %s %s, priority %.1f, %d result object(s), model %s %s", job_id, study_id,
                  "DONE" if done else "superseded", priority, len(written), algorithm.name, algorithm.version)
         return JobOutcome(str(StudyStatus.DONE), reason, tuple(export_ids))

@@ -1,4 +1,10 @@
-"""Celery tasks: serialisation and retries only; the work is in pipeline.py and export.py."""
+"""Celery tasks: serialisation only; the work is in pipeline.py and export.py, the rules in triage_core.work.
+
+Both tasks are idempotent: they claim their row in SQL first, so a duplicate, late or redelivered
+message does nothing. Retries are not Celery's: a failed export is rescheduled in SQL
+(`next_attempt_at`) and the node's sweeper publishes it when it is due, so that a restart or a
+PACS that is down for hours loses nothing.
+"""
 
 from __future__ import annotations
 
@@ -7,11 +13,11 @@ from typing import Callable
 
 from celery import Celery
 
-from dicom_node.scu import ExportError
+from triage_core import work
 from triage_core.db import Database
 from triage_core.settings import Settings
 
-from .celery_app import EXPORT_RESULTS, PROCESS_STUDY, QUEUE
+from .celery_app import EXPORT_RESULTS, PROCESS_STUDY, QUEUE, Publisher
 from .export import export_once
 from .pipeline import Pipeline
 
@@ -21,22 +27,32 @@ log = logging.getLogger(__name__)
 def register_tasks(app: Celery, settings: Settings, database: Database, model_loader: Callable[[], object]) -> Pipeline:
     """Bind the tasks to `app` with their dependencies. Returns the pipeline (its model loads lazily)."""
     pipeline = Pipeline(settings, database, model_loader)
+    publisher = Publisher(app)
 
     @app.task(name=PROCESS_STUDY, queue=QUEUE, acks_late=True, ignore_result=True)
     def process_study(job_id: int) -> str:
         outcome = pipeline.run_job(int(job_id))
-        for export_id in outcome.export_ids:
-            app.send_task(EXPORT_RESULTS, args=[export_id], queue=QUEUE)
+        publish_exports(database, publisher, outcome.export_ids)
         return outcome.status
 
-    @app.task(name=EXPORT_RESULTS, queue=QUEUE, bind=True, acks_late=True, ignore_result=True,
-              max_retries=settings.export_retries)
-    def export_results(self, export_id: int) -> str:
-        final = self.request.retries >= settings.export_retries
-        try:
-            return export_once(settings, database, int(export_id), final_attempt=final)
-        except ExportError as exc:
-            countdown = settings.export_backoff_seconds * (2 ** self.request.retries)
-            raise self.retry(exc=exc, countdown=countdown)
+    @app.task(name=EXPORT_RESULTS, queue=QUEUE, acks_late=True, ignore_result=True)
+    def export_results(export_id: int) -> str:
+        return export_once(settings, database, int(export_id))
 
     return pipeline
+
+
+def publish_exports(database: Database, publisher: Publisher, export_ids: tuple[int, ...] | list[int]) -> None:
+    """Wake-ups for the study's exports, right after their rows committed. One that cannot be sent
+    (the broker is away) is left unpublished in SQL, and the sweeper sends it."""
+    sent = []
+    for export_id in export_ids:
+        try:
+            publisher.export(export_id)
+        except Exception as exc:
+            log.warning("publishing export %s failed; the sweeper will: %s", export_id, exc)
+            break
+        sent.append(export_id)
+    if sent:
+        with database.session() as session:
+            work.mark_published(session, export_ids=sent)

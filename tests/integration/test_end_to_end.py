@@ -53,11 +53,14 @@ class TriageService:
         return f"http://127.0.0.1:{self.api_port}"
 
     def start(self) -> "TriageService":
+        """Start `serve` (again, after a stop or a kill: same data, same ports; the log is appended to)."""
         self.log_path = self.workdir / "serve.log"
-        self.log = open(self.log_path, "wb")
+        self.log = open(self.log_path, "ab")
+        offset = self.log.tell()
+        # In a session of its own, as under systemd: the tests can signal serve's whole process group.
         self.process = subprocess.Popen(
             [sys.executable, "-m", "cxr_triage.cli", "serve"], env=self.env, cwd=self.workdir,
-            stdout=self.log, stderr=subprocess.STDOUT,
+            stdout=self.log, stderr=subprocess.STDOUT, start_new_session=True,
         )
         wait_until(lambda: self.process.poll() is None and http_json(f"{self.api}/health")["status"] == "ok",
                    90, what="the API to answer /health")
@@ -65,7 +68,7 @@ class TriageService:
         # Every model process loads the model at start (the first exports the ONNX graph); the latency
         # measured below is then the running service's, not its start-up.
         processes = int(self.env.get("CXR_TRIAGE_WORKER_CONCURRENCY", "1"))
-        wait_until(lambda: self.log_text().count(" loaded from ") >= processes, 180,
+        wait_until(lambda: self._log_bytes()[offset:].count(b" loaded from ") >= processes, 180,
                    what=f"{processes} model process(es) to load the model")
         return self
 
@@ -90,10 +93,13 @@ class TriageService:
 
         return wait_until(settled, timeout, what=f"study {study_instance_uid} to settle")
 
-    def log_text(self) -> str:
+    def _log_bytes(self) -> bytes:
         if not self.log.closed:
             self.log.flush()
-        return self.log_path.read_text(errors="replace")
+        return self.log_path.read_bytes()
+
+    def log_text(self) -> str:
+        return self._log_bytes().decode(errors="replace")
 
     def stop(self) -> int:
         if self.process and self.process.poll() is None:

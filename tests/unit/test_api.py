@@ -387,6 +387,7 @@ def test_study_detail_has_everything(env):
         "attempts": 5,
         "last_error": "C-STORE failed: association rejected (0x0002)",
         "updated_at": exports["ARCHIVE@10.0.0.6:11112"]["updated_at"],
+        "next_attempt_at": None,
     }
     assert [j["status"] for j in body["jobs"]] == ["DONE"]
     assert body["model"] == {"name": "cxr-densenet121", "version": "0.1.0-demo", "demo": True}

@@ -146,18 +146,23 @@ def test_new_instance_during_processing_leaves_the_study_to_the_next_job(env, tm
     assert len(analysed) == 2
 
 
-def test_export_to_an_unreachable_destination_is_retried_then_failed(env):
+def test_export_to_an_unreachable_destination_is_rescheduled_then_given_up(env):
     settings, database, ingest, pipeline = env
     _receive(ingest, CHEST)
     (export_id,) = pipeline.run_job(_ready_job(database)).export_ids
-    from dicom_node.scu import ExportError
-
-    with pytest.raises(ExportError):
-        export_once(settings, database, export_id, final_attempt=False)
-    assert export_once(settings, database, export_id, final_attempt=True) == "EXPORT_FAILED"
+    start = datetime.now(timezone.utc)
+    assert export_once(settings, database, export_id, now=start) == "EXPORT_PENDING"
     with database.session() as session:
         export = session.get(Export, export_id)
-        assert export.attempts == 2 and "not established" in export.last_error
+        assert export.attempts == 1 and "not established" in export.last_error
+        wait = (export.next_attempt_at - start).total_seconds()
+        assert settings.export_backoff_seconds / 2 <= wait <= settings.export_backoff_seconds
+        assert export.enqueued_at is None and export.locked_until is None  # for the sweeper to publish when due
+    assert export_once(settings, database, export_id, now=start) == "NOT_DUE"  # an early message does nothing
+    later = start + timedelta(hours=settings.export_give_up_hours, seconds=1)
+    assert export_once(settings, database, export_id, now=later) == "EXPORT_FAILED"
+    with database.session() as session:
+        assert session.get(Export, export_id).attempts == 2
 
 
 def test_export_to_orthanc_stores_every_result_object(env, orthanc):
@@ -168,6 +173,6 @@ def test_export_to_orthanc_stores_every_result_object(env, orthanc):
         export = session.scalar(select(Export))
         export.destination = f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}"
         uids = set(session.scalars(select(ResultObject.sop_instance_uid)))
-    assert export_once(settings, database, export.id, final_attempt=False) == "EXPORTED"
+    assert export_once(settings, database, export.id) == "EXPORTED"
     stored = {orthanc.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.get("/instances")}
     assert uids <= stored

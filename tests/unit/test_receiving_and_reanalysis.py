@@ -210,7 +210,7 @@ def test_reanalysis_never_exports_superseded_results(env, orthanc, tmp_path, kee
         outcome = pipeline.run_job(_ready_job(database))
         assert outcome.status == "DONE"
         (export_id,) = outcome.export_ids
-        assert export_once(settings, database, export_id, final_attempt=False) == "EXPORTED"
+        assert export_once(settings, database, export_id) == "EXPORTED"
 
     _receive(ingest, pa, tmp_path=tmp_path)
     analyse_and_export()
