@@ -242,12 +242,14 @@ def verify(session: Session, batch: int = 2000) -> Verification:
                 if event.seq != expected_seq:
                     return found("removed", event, f"event(s) seq={expected_seq}..{event.seq - 1} were removed "
                                                    f"before {_describe(event)}")
-                before = session.scalar(select(AuditEvent.seq).where(AuditEvent.hash == event.prev_hash))
+                before = session.execute(
+                    select(AuditEvent.seq, AuditEvent.id).where(AuditEvent.hash == event.prev_hash)).first()
                 if before is None:
                     return found("removed", event, f"an event was removed before {_describe(event)}: "
                                                    f"its predecessor {event.prev_hash[:16]}... is not in the trail")
                 return found("reordered", event, f"{_describe(event)} was reordered: it was written after "
-                                                 f"event seq={before}, not after seq={expected_seq - 1}")
+                                                 f"the event now at seq={before[0]} (id {before[1]}), not after "
+                                                 f"seq={expected_seq - 1}")
             if event.seq != expected_seq:
                 return found("reordered", event, f"{_describe(event)} was renumbered: it follows seq="
                                                  f"{expected_seq - 1} in the chain")
