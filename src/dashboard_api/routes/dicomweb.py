@@ -83,7 +83,12 @@ QidoDep = Annotated[QidoQuery, Query()]
 
 
 def _base_url(request: Request) -> str:
-    return str(request.base_url).rstrip("/") + "/dicomweb"
+    """Where the client reached us; a Host header without its port (some clients send one) gets the server's."""
+    url = request.base_url
+    server = request.scope.get("server")
+    if url.port is None and server and server[1] not in (80, 443):
+        url = url.replace(port=server[1])
+    return str(url).rstrip("/") + "/dicomweb"
 
 
 def _check_uids(**uids: str | None) -> None:
