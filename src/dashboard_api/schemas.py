@@ -20,6 +20,8 @@ DEMO_WEIGHTS = "DEMO WEIGHTS, not trained on clinical data."
 
 MAX_WORKLIST_LIMIT = 500
 MAX_AUDIT_LIMIT = 1000
+#: Offsets beyond any list we hold (and within every database's integers).
+MAX_OFFSET = 1_000_000_000
 #: A DICOM UID (digits and dots, no leading zeros), as declared in the OpenAPI schema.
 UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 
@@ -275,7 +277,7 @@ class WorklistQuery(_Input):
         default_factory=list, description="Only studies in these states (repeat the parameter for several)"
     )
     limit: int = Field(100, ge=1, le=MAX_WORKLIST_LIMIT)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
 
 
 class AuditQuery(_Input):
@@ -285,7 +287,7 @@ class AuditQuery(_Input):
     since: datetime | None = Field(None, description="ISO 8601; without a time zone it is read as UTC")
     until: datetime | None = Field(None, description="ISO 8601; without a time zone it is read as UTC")
     limit: int = Field(100, ge=1, le=MAX_AUDIT_LIMIT)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
 
     @field_validator("study_instance_uid")
     @classmethod

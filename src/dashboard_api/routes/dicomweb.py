@@ -31,7 +31,7 @@ from .. import crud
 from .. import dicomweb_store as store
 from ..auth import Principal, ReaderDep, read_studies
 from ..deps import SessionDep, SettingsDep, uid_path
-from ..schemas import _Input, error_response
+from ..schemas import MAX_OFFSET, _Input, error_response
 
 log = logging.getLogger(__name__)
 
@@ -43,6 +43,7 @@ MAX_QIDO_LIMIT = 1000
 _U = r"(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*"
 UID_LIST_PATTERN = rf"^{_U}([,\\]{_U})*$"
 MODALITY_LIST_PATTERN = r"^[A-Z0-9_ ]{1,16}([,\\][A-Z0-9_ ]{1,16})*$"
+INCLUDEFIELD_PATTERN = r"^[A-Za-z0-9]+(,[A-Za-z0-9]+)*$"
 DATE_RANGE_PATTERN = r"^([0-9]{8}|[0-9]{8}-|-[0-9]{8}|[0-9]{8}-[0-9]{8})$"
 
 _JSON_LIST = {200: {"content": {DICOM_JSON: {"schema": {"type": "array", "items": {"type": "object"}}}},
@@ -71,12 +72,12 @@ class QidoQuery(_Input):
     Modality: list[Annotated[str, Field(pattern=MODALITY_LIST_PATTERN)]] = Field(default_factory=list)
     SOPInstanceUID: list[Annotated[str, Field(pattern=UID_LIST_PATTERN)]] = Field(default_factory=list)
     SOPClassUID: list[Annotated[str, Field(pattern=UID_LIST_PATTERN)]] = Field(default_factory=list)
-    includefield: list[Annotated[str, Field(max_length=1000)]] = Field(
+    includefield: list[Annotated[str, Field(max_length=1000, pattern=INCLUDEFIELD_PATTERN)]] = Field(
         default_factory=list, description="`all`, or DICOM keywords / tags (ggggeeee) to add to each match; "
         "unknown ones are ignored with a Warning header")
     fuzzymatching: bool = Field(False, description="Not supported: matching stays exact (a Warning header says so)")
     limit: int = Field(100, ge=1, le=MAX_QIDO_LIMIT)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
 
 
 QidoDep = Annotated[QidoQuery, Query()]
@@ -137,7 +138,8 @@ def _answer(request: Request, rows: list[dict], total: int, query: QidoQuery, wa
         warnings.append("fuzzymatching is not supported; matching was exact")
     if total > query.offset + len(rows):
         warnings.append(f"there are {total - query.offset - len(rows)} additional results that can be requested")
-    headers = {"Warning": ", ".join(f'299 cxr-triage "{w}"' for w in warnings)} if warnings else None
+    text = ", ".join(f'299 cxr-triage "{w}"' for w in warnings).encode("ascii", "replace").decode()
+    headers = {"Warning": text} if warnings else None
     return JSONResponse(rows, media_type=DICOM_JSON, headers=headers)
 
 
