@@ -183,7 +183,12 @@ def postgres_url():
 
 @pytest.fixture
 def redis_url():
-    """A Redis database index of its own, flushed afterwards."""
+    """A Redis database index of its own, flushed afterwards.
+
+    Other test runs on the same machine share the Redis server (and our queue name): an index is
+    claimed with a key set only if absent, and only an otherwise empty one is taken, so that two
+    runs never feed each other's workers.
+    """
     try:
         import redis
 
@@ -191,11 +196,23 @@ def redis_url():
         client.ping()
     except Exception as exc:  # noqa: BLE001
         need(False, f"Redis is not answering on 127.0.0.1:6379 ({exc})")
-    index = 8 + uuid.uuid4().int % 8
-    url = f"redis://127.0.0.1:6379/{index}"
-    db = redis.Redis(host="127.0.0.1", port=6379, db=index)
-    db.flushdb()
-    yield url
+    import random
+
+    token = uuid.uuid4().hex
+    indexes = list(range(8, 16))
+    random.shuffle(indexes)
+    db = None
+    for _ in range(60):
+        for index in indexes:
+            candidate = redis.Redis(host="127.0.0.1", port=6379, db=index)
+            if candidate.dbsize() == 0 and candidate.set("cxr-triage-test-claim", token, nx=True, ex=3600):
+                db = candidate
+                break
+        if db is not None:
+            break
+        time.sleep(2)
+    assert db is not None, "no free Redis database index among 8-15 (other test runs hold them all)"
+    yield f"redis://127.0.0.1:6379/{index}"
     db.flushdb()
 
 

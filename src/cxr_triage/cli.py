@@ -9,6 +9,7 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from triage_core.settings import Settings
+from triage_core.states import Role
 
 from . import runtime
 
@@ -39,6 +40,23 @@ def _parser() -> argparse.ArgumentParser:
     demo = sub.add_parser("demo", help="C-STORE the bundled sample studies to a running node and print the worklist")
     demo.add_argument("--host", default="127.0.0.1")
     demo.add_argument("--timeout", type=float, default=180.0, help="seconds to wait for results")
+    demo.add_argument("--api-key", default=None,
+                      help="API key that reads the worklist (default: CXR_TRIAGE_API_KEY; none is needed while "
+                           "the API runs on loopback with no authentication configured)")
+
+    user = sub.add_parser("user", help="API users and their keys (radiologist, auditor, admin)")
+    user_sub = user.add_subparsers(dest="user_command", required=True)
+    add = user_sub.add_parser("add", help="create a user and print its API key (once: only its hash is stored)")
+    add.add_argument("name")
+    add.add_argument("--role", required=True, choices=[r.value for r in Role])
+    user_sub.add_parser("list", help="list users, their roles and whether their key is revoked")
+    revoke = user_sub.add_parser("revoke", help="revoke a user's key (the user stays in the list and the audit trail)")
+    revoke.add_argument("name")
+
+    audit_cmd = sub.add_parser("audit", help="the audit trail")
+    audit_sub = audit_cmd.add_subparsers(dest="audit_command", required=True)
+    audit_sub.add_parser("verify", help="check the hash chain; exit 1 naming the first altered, removed or "
+                                        "reordered event")
 
     model = sub.add_parser("model", help="model directories: info, import, train, evaluate, calibrate, make-phantoms")
     model_sub = model.add_subparsers(dest="model_command", required=True)
@@ -155,7 +173,11 @@ def main(argv: list[str] | None = None) -> int:
     elif args.command == "demo":
         from .demo import run_demo
 
-        return run_demo(settings, host=args.host, timeout=args.timeout)
+        return run_demo(settings, host=args.host, timeout=args.timeout, api_key=args.api_key)
+    elif args.command == "user":
+        return runtime.user_command(settings, args)
+    elif args.command == "audit":
+        return runtime.audit_command(settings, args)
     return 0
 
 

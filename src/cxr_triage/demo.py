@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import time
+import urllib.error
 import urllib.request
 from pathlib import Path
 
@@ -40,15 +41,25 @@ def send_samples(settings: Settings, host: str) -> list[tuple[str, str]]:
     return sent
 
 
-def fetch_worklist(settings: Settings, host: str) -> dict:
+def fetch_worklist(settings: Settings, host: str, api_key: str = "") -> dict:
+    """The worklist, read with ``api_key`` (an API key or an OIDC access token) when one is given."""
     api_host = host if settings.api_host in ("0.0.0.0", "::") else settings.api_host
     url = f"http://{api_host}:{settings.api_port}/worklist"
-    request = urllib.request.Request(url, headers={"X-User": "cxr-triage-demo"})
-    with urllib.request.urlopen(request, timeout=10) as response:
-        return json.load(response)
+    headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
+    request = urllib.request.Request(url, headers=headers)
+    try:
+        with urllib.request.urlopen(request, timeout=10) as response:
+            return json.load(response)
+    except urllib.error.HTTPError as exc:
+        if exc.code in (401, 403):
+            raise SystemExit(
+                f"the API refused to show the worklist ({exc.code}): pass a radiologist's key with --api-key or "
+                "CXR_TRIAGE_API_KEY (cxr-triage user add NAME --role radiologist prints one)") from None
+        raise
 
 
-def run_demo(settings: Settings, host: str = "127.0.0.1", timeout: float = 180.0) -> int:
+def run_demo(settings: Settings, host: str = "127.0.0.1", timeout: float = 180.0, api_key: str | None = None) -> int:
+    api_key = api_key if api_key is not None else settings.api_key
     sent = send_samples(settings, host)
     for name, status in sent:
         print(f"C-STORE {name}: {status}")
@@ -60,10 +71,10 @@ def run_demo(settings: Settings, host: str = "127.0.0.1", timeout: float = 180.0
         done = {item["study_instance_uid"] for item in worklist["data"] if item["status"] in settled}
         return studies - done
 
-    worklist = fetch_worklist(settings, host)
+    worklist = fetch_worklist(settings, host, api_key)
     while time.monotonic() < deadline and pending(worklist):
         time.sleep(1)
-        worklist = fetch_worklist(settings, host)
+        worklist = fetch_worklist(settings, host, api_key)
     print(f"\nWorklist ({worklist['count']} studies, priority order):")
     for item in worklist["data"]:
         findings = ", ".join(f"{f['finding']} {f['probability']:.2f}" for f in item.get("top_findings", [])) or "-"

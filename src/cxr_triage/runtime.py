@@ -46,19 +46,29 @@ def upgrade_database(settings: Settings) -> None:
     log.info("database schema is at head (%s)", _safe_url(settings.database_url))
 
 
+def _cli_actor() -> str:
+    import getpass
+    import socket
+
+    try:
+        who = getpass.getuser()
+    except Exception:  # no user name for this uid (containers)
+        who = str(os.getuid())
+    return f"cli:{who}@{socket.gethostname()}"
+
+
 def retry_exports(settings: Settings, *, study_instance_uid: str | None, failed: bool) -> int:
     """`cxr-triage export retry`: make the exports pending and due now, and publish them; audited with
     the operating-system user as the actor. Exit 1 when nothing matched."""
-    import getpass
-
     from triage_core import work
     from worker.celery_app import Publisher, make_celery
     from worker.tasks import publish_exports
 
-    database = Database(settings.database_url)
+    sink = audit_sink(settings)
+    database = Database(settings.database_url, audit_sink=sink)
     try:
         with database.session() as session:
-            exports = work.request_export_retry(session, actor=f"cli:{getpass.getuser()}",
+            exports = work.request_export_retry(session, actor=_cli_actor(),
                                                 study_instance_uid=study_instance_uid, failed=failed)
             rows = [(e.id, e.destination, e.study.study_instance_uid) for e in exports]
         if not rows:
@@ -69,7 +79,70 @@ def retry_exports(settings: Settings, *, study_instance_uid: str | None, failed:
             print(f"export {export_id}: study {study_uid} to {destination}: pending, due now")
         return 0
     finally:
+        if sink is not None:
+            sink.flush()
         database.dispose()
+
+
+def user_command(settings: Settings, args) -> int:
+    """`cxr-triage user add|list|revoke`: on the database directly, each change audited."""
+    from triage_core import users
+
+    sink = audit_sink(settings)
+    database = Database(settings.database_url, audit_sink=sink)
+    try:
+        with database.session() as session:
+            if args.user_command == "add":
+                new = users.create_user(session, name=args.name, role=args.role, actor=_cli_actor())
+                print(f"created {new.user.name} ({new.user.role}). API key, shown once; send it as "
+                      f"'Authorization: Bearer <key>':", file=sys.stderr)
+                print(new.key)
+            elif args.user_command == "list":
+                rows = users.list_users(session)
+                print(f"{'name':<24} {'role':<12} {'key':<14} {'created':<26} revoked")
+                for user in rows:
+                    revoked = user.revoked_at.isoformat(timespec="seconds") if user.revoked_at else "-"
+                    print(f"{user.name:<24} {user.role:<12} {user.key_prefix + '...':<14} "
+                          f"{user.created_at.isoformat(timespec='seconds'):<26} {revoked}")
+            else:
+                user = users.revoke_user(session, name=args.name, actor=_cli_actor())
+                print(f"revoked {user.name} ({user.role}) at {user.revoked_at.isoformat(timespec='seconds')}")
+    except users.UserError as exc:
+        print(f"cxr-triage user {args.user_command}: {exc}", file=sys.stderr)
+        return 2
+    finally:
+        if sink is not None:
+            sink.flush()
+        database.dispose()
+    return 0
+
+
+def audit_command(settings: Settings, args) -> int:
+    """`cxr-triage audit verify`: 0 when the chain is intact, 1 naming the first broken event."""
+    from triage_core.audit_chain import verify
+
+    database = Database(settings.database_url)
+    try:
+        with database.session() as session:
+            result = verify(session)
+    finally:
+        database.dispose()
+    if result.intact:
+        print(f"audit trail intact: {result.events} events, head seq={result.head_seq} hash={result.head_hash}")
+        return 0
+    problem = result.problem
+    print(f"audit trail BROKEN ({problem.kind}): {problem.message}")
+    print(f"{result.events} events verified before it; chain head seq={result.head_seq} hash={result.head_hash}")
+    return 1
+
+
+def audit_sink(settings: Settings):
+    """The syslog copy of the audit trail when CXR_TRIAGE_AUDIT_SYSLOG is set, else None."""
+    if not settings.audit_syslog:
+        return None
+    from triage_core.atna import SyslogSink
+
+    return SyslogSink.from_settings(settings)
 
 
 def _safe_url(url: str) -> str:
@@ -178,7 +251,7 @@ def run_node(settings: Settings) -> None:
     from worker.celery_app import Publisher, make_celery
 
     settings.ensure_dirs()
-    database = Database(settings.database_url)
+    database = Database(settings.database_url, audit_sink=audit_sink(settings))
     publisher = Publisher(make_celery(settings))
     ingest = IngestService(settings, database)
     server = start_scp(settings, ingest)
@@ -201,7 +274,7 @@ def run_worker(settings: Settings) -> None:
     from worker.tasks import register_tasks
 
     settings.ensure_dirs()
-    database = Database(settings.database_url)
+    database = Database(settings.database_url, audit_sink=audit_sink(settings))
     app = make_celery(settings)
     plan = worker_plan(settings)
     pipeline = register_tasks(app, settings, database, lambda: load_model_for(settings, threads=plan.threads))
@@ -243,9 +316,20 @@ def run_api(settings: Settings) -> None:
     import uvicorn
 
     from dashboard_api.app import create_app
+    from dashboard_api.auth import AuthConfigError, startup_check
 
     settings.ensure_dirs()
-    uvicorn.run(create_app(settings), host=settings.api_host, port=settings.api_port, log_level="info")
+    database = Database(settings.database_url, audit_sink=audit_sink(settings))
+    try:
+        authenticator = startup_check(settings, database)
+    except AuthConfigError as exc:
+        database.dispose()
+        raise SystemExit(f"cxr-triage api: {exc}") from None
+    app = create_app(settings, database, authenticator)
+    try:
+        uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="info")
+    finally:
+        database.dispose()
 
 
 #: A child that dies is started again after this long, doubling per quick death, at most the maximum.

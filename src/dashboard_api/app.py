@@ -15,14 +15,17 @@ from fastapi.responses import JSONResponse
 from triage_core.db import Database
 from triage_core.settings import Settings
 
+from .auth import Authenticator
 from .routes import api_router
 
 log = logging.getLogger(__name__)
 
 TITLE = "CXR Triage API"
 DESCRIPTION = (
-    "Worklist, study results (TID 1500 SR, heatmaps) and audit trail of the CXR Triage service. "
-    "Every read of study data is audited; set the `X-User` header to name the reader. "
+    "Worklist, study results (TID 1500 SR, heatmaps, Parametric Maps), DICOMweb (QIDO-RS, WADO-RS) and the "
+    "audit trail of the CXR Triage service. Every route but `/health` needs `Authorization: Bearer <API key or "
+    "OpenID Connect token>`; roles: radiologist (worklist, studies, results, DICOMweb), auditor (audit trail), "
+    "admin (both, and users). Every read of study data is audited with the authenticated caller as its actor. "
     "Not for diagnostic use."
 )
 
@@ -71,7 +74,9 @@ async def _unhandled_error(request: Request, exc: Exception) -> JSONResponse:
     return JSONResponse({"detail": "internal server error"}, status_code=status.HTTP_500_INTERNAL_SERVER_ERROR)
 
 
-def create_app(settings: Settings | None = None, database: Database | None = None) -> FastAPI:
+def create_app(
+    settings: Settings | None = None, database: Database | None = None, authenticator: Authenticator | None = None
+) -> FastAPI:
     """Build the API. Without ``database`` it opens one from ``settings`` and disposes of it at shutdown.
 
     The schema is not created here: migrations (``cxr-triage db upgrade``) run before start.
@@ -91,6 +96,7 @@ def create_app(settings: Settings | None = None, database: Database | None = Non
     app = FastAPI(title=TITLE, version=package_version(), description=DESCRIPTION, lifespan=lifespan)
     app.state.settings = settings
     app.state.database = database
+    app.state.authenticator = authenticator if authenticator is not None else Authenticator(settings, database)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unhandled_error)
     app.include_router(api_router)

@@ -8,11 +8,11 @@ ORM rows (``from_attributes``) and never expose storage paths.
 from __future__ import annotations
 
 from datetime import datetime
-from typing import Any
+from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from triage_core.states import AuditAction, ExportStatus, JobStatus, ResultKind, StudyStatus
+from triage_core.states import AuditAction, ExportStatus, JobStatus, ResultKind, Role, StudyStatus
 from triage_core.storage import is_valid_uid
 
 NOT_FOR_DIAGNOSTIC_USE = "Not for diagnostic use."
@@ -20,6 +20,10 @@ DEMO_WEIGHTS = "DEMO WEIGHTS, not trained on clinical data."
 
 MAX_WORKLIST_LIMIT = 500
 MAX_AUDIT_LIMIT = 1000
+#: Offsets beyond any list we hold (and within every database's integers).
+MAX_OFFSET = 1_000_000_000
+#: A DICOM UID (digits and dots, no leading zeros), as declared in the OpenAPI schema.
+UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 
 
 def disclaimer(*, demo: bool) -> str:
@@ -116,6 +120,32 @@ class ExportPublic(_Output):
         default=None, description="While pending: no attempt before this time (backoff after a failure)")
 
 
+class ExportRetryStudy(_Input):
+    """Send one study's results again, whatever the status of its exports."""
+
+    study_instance_uid: str = Field(min_length=1, max_length=64, pattern=r"^[0-9]+(\.[0-9]+)*$")
+
+
+class ExportRetryFailed(_Input):
+    """Send again every export that gave up (EXPORT_FAILED)."""
+
+    failed: Literal[True]
+
+
+ExportRetry = ExportRetryStudy | ExportRetryFailed
+
+
+class ExportRetried(BaseModel):
+    study_instance_uid: str
+    destination: str
+    status: ExportStatus
+
+
+class ExportsRetried(BaseModel):
+    data: list[ExportRetried]
+    count: int
+
+
 class InstancePublic(_Output):
     sop_instance_uid: str
     series_instance_uid: str
@@ -197,16 +227,62 @@ class StudyDetailPublic(StudyBase):
 
 class AuditEventPublic(_Output):
     id: int
+    seq: int = Field(description="Place in the hash chain (commit order)")
     at: datetime
-    actor: str
+    actor: str = Field(description="The authenticated principal, or system:<service> for our own services")
     action: str
+    outcome: int = Field(description="DICOM PS3.15 EventOutcomeIndicator: 0 success, 4 minor, 8 serious, 12 major failure")
+    client_address: str
     study_instance_uid: str
+    patient_id: str
     detail: dict[str, Any]
+    prev_hash: str = Field(description="SHA-256 (hex) of the event before this one")
+    hash: str = Field(description="SHA-256 (hex) of this event's canonical bytes")
 
 
 class AuditEventsPublic(BaseModel):
     data: list[AuditEventPublic]
     count: int = Field(description="Events matching the filter (before limit/offset)")
+
+
+class AuditProblemPublic(BaseModel):
+    kind: str = Field(description='"altered", "removed" or "reordered"')
+    seq: int
+    event_id: int | None
+    message: str
+
+
+class AuditVerificationPublic(BaseModel):
+    intact: bool
+    events: int = Field(description="Events verified (all of them when intact)")
+    head_seq: int
+    head_hash: str
+    problem: AuditProblemPublic | None = Field(description="The first break in the chain; null when intact")
+
+
+# --- users -------------------------------------------------------------------
+
+
+class UserPublic(_Output):
+    name: str
+    role: Role
+    key_prefix: str = Field(description="The key's first characters, to tell keys apart")
+    created_at: datetime
+    revoked_at: datetime | None
+
+
+class UsersPublic(BaseModel):
+    data: list[UserPublic]
+    count: int
+
+
+class UserCreate(_Input):
+    name: str = Field(min_length=1, max_length=64, pattern=r"^[A-Za-z0-9][A-Za-z0-9._@-]{0,63}$")
+    role: Role
+
+
+class UserCreated(UserPublic):
+    api_key: str = Field(description="The new key, shown this once: only its hash is stored")
 
 
 # --- health ------------------------------------------------------------------
@@ -229,17 +305,17 @@ class WorklistQuery(_Input):
         default_factory=list, description="Only studies in these states (repeat the parameter for several)"
     )
     limit: int = Field(100, ge=1, le=MAX_WORKLIST_LIMIT)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
 
 
 class AuditQuery(_Input):
-    study_instance_uid: str | None = None
+    study_instance_uid: str | None = Field(None, max_length=64, json_schema_extra={"pattern": UID_PATTERN})
     action: AuditAction | None = None
     actor: str | None = Field(None, min_length=1, max_length=128)
     since: datetime | None = Field(None, description="ISO 8601; without a time zone it is read as UTC")
     until: datetime | None = Field(None, description="ISO 8601; without a time zone it is read as UTC")
     limit: int = Field(100, ge=1, le=MAX_AUDIT_LIMIT)
-    offset: int = Field(0, ge=0)
+    offset: int = Field(0, ge=0, le=MAX_OFFSET)
 
     @field_validator("study_instance_uid")
     @classmethod

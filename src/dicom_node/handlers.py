@@ -17,6 +17,15 @@ def handle_echo(event: events.Event) -> int:
     return SUCCESS
 
 
+def handle_rejected(event: events.Event, ingest: IngestService) -> None:
+    """An association we refused (calling AE title not allowed, too many associations): a security alert."""
+    requestor = event.assoc.requestor
+    calling = (requestor.ae_title or "").strip()
+    allowed = [a.strip() for a in event.assoc.ae.require_calling_aet]
+    reason = "calling AE title not allowed" if allowed and calling not in allowed else "association refused"
+    ingest.association_rejected(calling_ae_title=calling, address=str(requestor.address or ""), reason=reason)
+
+
 def handle_store(event: events.Event, ingest: IngestService) -> int | Dataset:
     """Spool, record, answer: never an unhandled exception. A failure carries
     its reason as Error Comment (no patient data: UIDs and sizes only)."""

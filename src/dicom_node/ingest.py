@@ -20,7 +20,7 @@ from triage_core import audit
 from triage_core.db import Database
 from triage_core.models import Instance, Study
 from triage_core.settings import Settings
-from triage_core.states import AuditAction, StudyStatus
+from triage_core.states import AuditAction, AuditOutcome, StudyStatus
 from triage_core.storage import atomic_write, instance_relpath, is_valid_uid
 
 log = logging.getLogger(__name__)
@@ -152,6 +152,18 @@ class IngestService:
         except Exception:  # the refusal stands even when the audit cannot be written
             log.exception("audit of a refused C-STORE could not be written")
         return StoreOutcome(status, reason=reason)
+
+    def association_rejected(self, *, calling_ae_title: str, address: str, reason: str) -> None:
+        """A security alert for a refused association (no patient data: AE title and address only)."""
+        log.warning("association from %s (%s) rejected: %s", calling_ae_title or "?", address or "?", reason)
+        try:
+            with self.database.session() as session:
+                audit.record(session, actor=f"dicom:{calling_ae_title or '?'}@{address or '?'}",
+                             action=AuditAction.ASSOCIATION_REJECTED, outcome=AuditOutcome.MINOR_FAILURE,
+                             client_address=address, calling_ae_title=calling_ae_title,
+                             called_ae_title=self.settings.ae_title, reason=reason)
+        except Exception:  # the rejection stands even when its audit event cannot be written
+            log.exception("audit of a rejected association could not be written")
 
     def _existing(self, sop_uid: str) -> tuple[str, str] | None:
         """(Study Instance UID, SHA-256) of the stored instance with this SOP Instance UID."""

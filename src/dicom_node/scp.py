@@ -23,7 +23,7 @@ from pynetdicom.transport import ThreadedAssociationServer
 
 from triage_core.settings import Settings
 
-from .handlers import handle_echo, handle_store
+from .handlers import handle_echo, handle_rejected, handle_store
 from .ingest import IngestService
 
 log = logging.getLogger(__name__)
@@ -63,7 +63,8 @@ def build_ae(settings: Settings) -> AE:
 def start_scp(settings: Settings, ingest: IngestService) -> ThreadedAssociationServer:
     """Start listening in background threads; the caller owns `shutdown()`."""
     ae = build_ae(settings)
-    handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [ingest])]
+    handlers = [(evt.EVT_C_ECHO, handle_echo), (evt.EVT_C_STORE, handle_store, [ingest]),
+                (evt.EVT_REJECTED, handle_rejected, [ingest])]
     server = ae.start_server((settings.dicom_host, settings.dicom_port), block=False, evt_handlers=handlers)
     log.info("DICOM SCP %s listening on %s:%s", settings.ae_title, settings.dicom_host, settings.dicom_port)
     return server

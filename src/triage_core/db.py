@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 from sqlalchemy import Engine, create_engine, event, make_url
 from sqlalchemy.orm import Session, sessionmaker
@@ -36,10 +36,12 @@ def make_engine(database_url: str) -> Engine:
 class Database:
     """Owns an engine and hands out sessions that commit or roll back as a unit."""
 
-    def __init__(self, database_url: str) -> None:
+    def __init__(self, database_url: str, audit_sink: Callable | None = None) -> None:
+        """``audit_sink`` receives each committed batch of audit events (the syslog copy)."""
         self.url = database_url
         self.engine = make_engine(database_url)
-        self._factory = sessionmaker(self.engine, expire_on_commit=False)
+        info = {"cxr_triage.audit.sink": audit_sink} if audit_sink is not None else {}
+        self._factory = sessionmaker(self.engine, expire_on_commit=False, info=info)
 
     @contextmanager
     def session(self) -> Iterator[Session]:

@@ -6,6 +6,7 @@ from datetime import datetime, timezone
 
 from sqlalchemy import (
     JSON,
+    BigInteger,
     Boolean,
     DateTime,
     Float,
@@ -15,6 +16,7 @@ from sqlalchemy import (
     Text,
     TypeDecorator,
     UniqueConstraint,
+    event,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -197,6 +199,13 @@ class Lease(Base):
 
 
 class AuditEvent(Base):
+    """One audit event; rows are append-only (database triggers refuse UPDATE and DELETE).
+
+    Each row carries the hash of the one before it (``prev_hash``) and its own ``hash``
+    over its canonical bytes (``triage_core.audit_chain``); ``seq`` is its place in the
+    chain (1, 2, 3... in commit order). Rows are written only by ``triage_core.audit``.
+    """
+
     __tablename__ = "audit_events"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
@@ -206,3 +215,50 @@ class AuditEvent(Base):
     study_id: Mapped[int | None] = mapped_column(ForeignKey("studies.id"), nullable=True, index=True)
     study_instance_uid: Mapped[str] = mapped_column(UID, default="")
     detail: Mapped[dict] = mapped_column(JSON, default=dict)
+    #: DICOM PS3.15 A.5 EventOutcomeIndicator: 0 success, 4 minor failure, 8 serious, 12 major.
+    outcome: Mapped[int] = mapped_column(Integer, default=0)
+    #: The requestor's network address (API client, DICOM peer), when there is one.
+    client_address: Mapped[str] = mapped_column(String(64), default="")
+    #: The study's Patient ID (the ATNA Patient participant object); never the name.
+    patient_id: Mapped[str] = mapped_column(String(64), default="")
+    seq: Mapped[int] = mapped_column(BigInteger, unique=True)
+    prev_hash: Mapped[str] = mapped_column(String(64))
+    hash: Mapped[str] = mapped_column(String(64), unique=True)
+
+
+class AuditChainHead(Base):
+    """The chain's last link (one row, id 1): locked by each writer while it appends.
+
+    Database triggers move it with every inserted event and refuse to move it back.
+    """
+
+    __tablename__ = "audit_chain_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    seq: Mapped[int] = mapped_column(BigInteger)
+    hash: Mapped[str] = mapped_column(String(64))
+
+
+class ApiUser(Base):
+    """A person or program with an API key. Only the key's SHA-256 is stored; revoked keys stay as history."""
+
+    __tablename__ = "api_users"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    role: Mapped[str] = mapped_column(String(16))
+    #: The key's first characters (``cxrk_`` + 6), to tell keys apart in listings; not enough to use it.
+    key_prefix: Mapped[str] = mapped_column(String(16))
+    key_sha256: Mapped[str] = mapped_column(String(64), unique=True)
+    created_at: Mapped[datetime] = mapped_column(AwareDateTime, default=utcnow)
+    revoked_at: Mapped[datetime | None] = mapped_column(AwareDateTime, nullable=True)
+
+
+@event.listens_for(Base.metadata, "after_create")
+def _install_audit_triggers(target, connection, tables=(), **_kw) -> None:
+    """``create_all`` makes the audit chain's head row and triggers too (migrations do it in 0003)."""
+    created = {table.name for table in tables}
+    if {"audit_events", "audit_chain_head"} <= created:
+        from .audit_chain import install
+
+        install(connection)

@@ -43,6 +43,37 @@ class Destination:
         return f"{self.ae_title}@{self.host}:{self.port}"
 
 
+#: JWS algorithms an OIDC token may use: asymmetric only (an HS* key would be the public JWKS).
+ASYMMETRIC_ALGORITHMS = frozenset({"RS256", "RS384", "RS512", "PS256", "PS384", "PS512", "ES256", "ES384",
+                                   "ES512", "EdDSA"})
+ROLES = ("radiologist", "auditor", "admin")
+#: Passwords that ship in examples and images: refused wherever a secret is configured.
+DEFAULT_SECRETS = frozenset({"cxr", "cxr_triage", "change-me", "changeme", "changethis", "postgres", "password",
+                             "secret", "admin", "redis", "default", "example"})
+_SYSLOG = re.compile(r"^(udp|tcp|tls)://[^/:]+:\d{1,5}$")
+
+
+def _secure_url(url: str) -> bool:
+    from urllib.parse import urlsplit
+
+    parts = urlsplit(url)
+    if parts.scheme == "https" and parts.hostname:
+        return True
+    return parts.scheme == "http" and is_loopback(parts.hostname or "")
+
+
+def is_loopback(host: str) -> bool:
+    """Whether ``host`` names only this machine (127.0.0.0/8, ::1, localhost)."""
+    import ipaddress
+
+    if host.lower() in {"localhost", "localhost."}:
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def _split_list(value: object) -> object:
     if isinstance(value, str):
         return [item.strip() for item in value.split(",") if item.strip()]
@@ -99,6 +130,29 @@ class Settings(BaseSettings):
     export_give_up_hours: float = Field(24.0, gt=0)
     max_pdu_size: int = Field(0, ge=0)
     log_level: str = "INFO"
+    # Authentication (README "Authentication"). API keys live in the database (`cxr-triage user`).
+    #: OpenID Connect issuer URL (exactly the tokens' `iss`); empty = no OIDC.
+    oidc_issuer: str = ""
+    #: The `aud` our tokens must carry (the API's client id at the identity provider).
+    oidc_audience: str = ""
+    #: JWKS file to use instead of the issuer's discovery document (an offline or pinned key set).
+    oidc_jwks_file: Path | None = None
+    #: Signature algorithms accepted (asymmetric only; never "none" or HS*).
+    oidc_algorithms: Annotated[list[str], NoDecode] = ["RS256"]
+    #: Claim holding the user's roles or groups; dots walk into objects (Keycloak: realm_access.roles).
+    oidc_role_claim: str = "roles"
+    #: `value=role` comma list from claim values to our roles; empty = the values are our role names.
+    oidc_role_map: Annotated[dict[str, str], NoDecode] = {}
+    #: Claim naming the user in the audit trail (falls back to `sub`).
+    oidc_user_claim: str = "preferred_username"
+    #: Seconds of clock skew allowed on exp/nbf/iat.
+    oidc_leeway_seconds: int = Field(30, ge=0, le=300)
+    #: A copy of every audit event as RFC 5424 syslog (DICOM PS3.15 A.5 XML): udp://, tcp:// or tls://host:port.
+    audit_syslog: str = ""
+    #: CA bundle for a tls:// syslog collector (empty = the system's).
+    audit_syslog_ca_file: Path | None = None
+    #: The API key `cxr-triage demo` sends (a client setting; the API never reads it).
+    api_key: str = ""
 
     @field_validator("allowed_calling_aets", mode="before")
     @classmethod
@@ -136,6 +190,71 @@ class Settings(BaseSettings):
         if value not in {"auto", "torch", "onnx", "onnx-int8"}:
             raise ValueError("model_runtime must be auto, torch, onnx or onnx-int8")
         return value
+
+    @field_validator("oidc_algorithms", mode="before")
+    @classmethod
+    def _algorithms(cls, value: object) -> object:
+        items = _split_list(value)
+        for item in items or []:
+            if item not in ASYMMETRIC_ALGORITHMS:
+                raise ValueError(f"OIDC algorithm {item!r} is not allowed: one of {', '.join(sorted(ASYMMETRIC_ALGORITHMS))} "
+                                 "(symmetric and 'none' algorithms are refused)")
+        if isinstance(items, list) and not items:
+            raise ValueError("at least one OIDC algorithm is needed")
+        return items
+
+    @field_validator("oidc_role_map", mode="before")
+    @classmethod
+    def _role_map(cls, value: object) -> object:
+        if isinstance(value, str):
+            mapping = {}
+            for item in _split_list(value):
+                claim_value, sep, role = item.rpartition("=")
+                if not sep or not claim_value.strip():
+                    raise ValueError(f"OIDC role map entry {item!r} is not claim-value=role")
+                mapping[claim_value.strip()] = role.strip()
+            value = mapping
+        for role in (value or {}).values() if isinstance(value, dict) else ():
+            if role not in ROLES:
+                raise ValueError(f"OIDC role map names role {role!r}: one of {', '.join(ROLES)}")
+        return value
+
+    @field_validator("audit_syslog")
+    @classmethod
+    def _syslog(cls, value: str) -> str:
+        if value and not _SYSLOG.match(value):
+            raise ValueError(f"audit syslog {value!r} is not udp://host:port, tcp://host:port or tls://host:port")
+        return value
+
+    @field_validator("database_url", "broker_url")
+    @classmethod
+    def _no_default_secret(cls, value: str, info) -> str:
+        if value and not value.startswith("sqla+") and not value.startswith("sqlite"):
+            try:
+                from sqlalchemy import make_url
+
+                password = make_url(value).password if "://" in value else None
+            except Exception:
+                password = None
+            if password is not None and (not password or password.lower() in DEFAULT_SECRETS):
+                raise ValueError(f"{info.field_name} carries an empty or default password: set a real secret")
+        return value
+
+    @model_validator(mode="after")
+    def _oidc(self) -> "Settings":
+        if self.oidc_issuer:
+            if not self.oidc_audience.strip():
+                raise ValueError("CXR_TRIAGE_OIDC_AUDIENCE must be set with CXR_TRIAGE_OIDC_ISSUER: "
+                                 "tokens are checked for our audience, never accepted for any")
+            if not _secure_url(self.oidc_issuer):
+                raise ValueError("CXR_TRIAGE_OIDC_ISSUER must be an https:// URL (http:// only on loopback)")
+        elif self.oidc_audience or self.oidc_jwks_file:
+            raise ValueError("CXR_TRIAGE_OIDC_AUDIENCE / _JWKS_FILE need CXR_TRIAGE_OIDC_ISSUER")
+        return self
+
+    @property
+    def oidc_enabled(self) -> bool:
+        return bool(self.oidc_issuer)
 
     @model_validator(mode="after")
     def _resolve(self) -> "Settings":

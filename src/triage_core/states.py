@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from enum import StrEnum
+from enum import IntEnum, StrEnum
 
 
 class StudyStatus(StrEnum):
@@ -53,6 +53,49 @@ class AuditAction(StrEnum):
     READ_HEATMAPS = "READ_HEATMAPS"
     READ_PARAMETRIC_MAPS = "READ_PARAMETRIC_MAPS"
     READ_AUDIT = "READ_AUDIT"
+    # DICOMweb (QIDO-RS query, WADO-RS retrieval of instances and metadata)
+    QUERY = "QUERY"
+    READ_INSTANCES = "READ_INSTANCES"
+    READ_METADATA = "READ_METADATA"
+    READ_RENDERED = "READ_RENDERED"
+    VERIFY_AUDIT = "VERIFY_AUDIT"
+    # Security alerts: refused credentials, a role that may not, a refused DICOM association
+    AUTH_REFUSED = "AUTH_REFUSED"
+    ACCESS_DENIED = "ACCESS_DENIED"
+    ASSOCIATION_REJECTED = "ASSOCIATION_REJECTED"
+    # User management (API keys)
+    USER_CREATED = "USER_CREATED"
+    USER_REVOKED = "USER_REVOKED"
+
+
+class AuditOutcome(IntEnum):
+    """DICOM PS3.15 A.5 EventOutcomeIndicator."""
+
+    SUCCESS = 0
+    MINOR_FAILURE = 4
+    SERIOUS_FAILURE = 8
+    MAJOR_FAILURE = 12
+
+
+class Role(StrEnum):
+    """What an authenticated principal may do (README "Authentication")."""
+
+    RADIOLOGIST = "radiologist"  # worklist, study detail, results, DICOMweb
+    AUDITOR = "auditor"  # audit queries and verification
+    ADMIN = "admin"  # both, plus operations (user management)
+
+
+class Permission(StrEnum):
+    READ_STUDIES = "read_studies"
+    READ_AUDIT = "read_audit"
+    OPERATE = "operate"
+
+
+ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
+    Role.RADIOLOGIST: frozenset({Permission.READ_STUDIES}),
+    Role.AUDITOR: frozenset({Permission.READ_AUDIT}),
+    Role.ADMIN: frozenset({Permission.READ_STUDIES, Permission.READ_AUDIT, Permission.OPERATE}),
+}
 
 
 #: Priority added per positive finding: urgent findings first.

@@ -47,6 +47,9 @@ class TriageService:
             **extra_env,
         }
         self.process: subprocess.Popen | None = None
+        self.api_key = ""
+        #: Every dataset sent, so that the logs can be scanned for their patients' names and birth dates.
+        self.sent: list[Path] = []
 
     @property
     def api(self) -> str:
@@ -70,7 +73,21 @@ class TriageService:
         processes = int(self.env.get("CXR_TRIAGE_WORKER_CONCURRENCY", "1"))
         wait_until(lambda: self._log_bytes()[offset:].count(b" loaded from ") >= processes, 180,
                    what=f"{processes} model process(es) to load the model")
+        # The API answers only authenticated callers once a user exists: the reader of these tests
+        # (made at the first start; a restart keeps the database and so the key).
+        if not self.api_key:
+            self.api_key = self.cli("user", "add", "e2e-reader", "--role", "radiologist").stdout.strip()
         return self
+
+    def cli(self, *argv: str) -> subprocess.CompletedProcess:
+        result = subprocess.run([sys.executable, "-m", "cxr_triage.cli", *argv], env=self.env, cwd=self.workdir,
+                                capture_output=True, text=True, timeout=120)
+        assert result.returncode == 0, result.stdout + result.stderr
+        return result
+
+    @property
+    def headers(self) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.api_key}"}
 
     def echo(self) -> bool:
         result = subprocess.run(["echoscu", "-aec", "CXR_TEST", "127.0.0.1", str(self.dicom_port)],
@@ -78,13 +95,17 @@ class TriageService:
         return result.returncode == 0
 
     def send(self, *files: Path) -> subprocess.CompletedProcess:
+        self.sent += files
         return storescu(self.dicom_port, "CXR_TEST", *files, calling_aet="MODALITY1")
 
     def worklist(self) -> dict:
-        return http_json(f"{self.api}/worklist", headers={"X-User": "e2e-test"})
+        return http_json(f"{self.api}/worklist", headers=self.headers)
 
     def study(self, study_instance_uid: str) -> dict:
-        return http_json(f"{self.api}/studies/{study_instance_uid}", headers={"X-User": "e2e-test"})
+        return http_json(f"{self.api}/studies/{study_instance_uid}", headers=self.headers)
+
+    def get_bytes(self, path: str) -> bytes:
+        return _get_bytes(f"{self.api}{path}", self.headers)
 
     def wait_settled(self, study_instance_uid: str, timeout: float = 240) -> dict:
         def settled():
@@ -127,6 +148,36 @@ def service(request, tmp_path, orthanc):
     yield svc
     returncode = svc.stop()
     assert returncode == 0, f"serve did not stop cleanly ({returncode}):\n{svc.log_text()[-4000:]}"
+    assert_no_names_or_birth_dates_in(svc.log_text(), svc.sent)
+    audit = subprocess.run([sys.executable, "-m", "cxr_triage.cli", "audit", "verify"], env=svc.env,
+                           cwd=svc.workdir, capture_output=True, text=True, timeout=120)
+    assert audit.returncode == 0 and "audit trail intact" in audit.stdout, audit.stdout + audit.stderr
+
+
+def assert_no_names_or_birth_dates_in(log: str, sent: list[Path]) -> None:
+    """What CI checks of every end-to-end run: the service's logs carry no patient name or birth date."""
+    import pydicom
+
+    from cxr_triage.demo import SAMPLES
+
+    import re
+
+    secrets = set()
+    for path in [*sent, *SAMPLES.glob("*.dcm")]:
+        ds = pydicom.dcmread(path, stop_before_pixels=True, force=True)
+        name = ds.get("PatientName")
+        if name:
+            # every component of every representation (alphabetic, ideographic, phonetic): "Yamada", "山田", "やまだ"
+            for part in re.split(r"[\^= ]+", str(name)):
+                if len(part) >= 3 or (len(part) >= 2 and not part.isascii()):
+                    secrets.add(part)
+        if ds.get("PatientBirthDate"):
+            birth = str(ds.PatientBirthDate)
+            secrets |= {birth, f"{birth[:4]}-{birth[4:6]}-{birth[6:]}"}
+    assert secrets, "the sent files name no patient: the scan would prove nothing"
+    assert log.strip(), "the service wrote no log"
+    leaked = sorted(s for s in secrets if s in log)
+    assert not leaked, f"patient names or birth dates in the service's log: {leaked}"
 
 
 def _uid(path: Path, keyword: str) -> str:
@@ -169,7 +220,7 @@ def test_chest_radiograph_comes_back_to_pacs_as_sr_and_heatmaps(service, orthanc
 
     # What we wrote validates: dciodvfy reports no errors on the SR.
     sr_path = tmp_path / "sr.dcm"
-    sr_path.write_bytes(_get_bytes(f"{service.api}/studies/{study_uid}/sr"))
+    sr_path.write_bytes(service.get_bytes(f"/studies/{study_uid}/sr"))
     need(shutil.which("dciodvfy") is not None, "dicom3tools is not installed")
     check = subprocess.run(["dciodvfy", str(sr_path)], capture_output=True, text=True, timeout=60)
     errors = [line for line in (check.stdout + check.stderr).splitlines() if line.startswith("Error")]
@@ -199,7 +250,7 @@ def test_conformant_dx_pa_and_lateral_study_in_japanese_reaches_pacs(service, or
     assert "ViewPosition=LL" in item["status_reason"]
     wait_until(lambda: all(e["status"] == "EXPORTED" for e in service.study(pa.StudyInstanceUID)["exports"]),
                120, what="export to Orthanc")
-    sr = pydicom.dcmread(io.BytesIO(_get_bytes(f"{service.api}/studies/{pa.StudyInstanceUID}/sr")))
+    sr = pydicom.dcmread(io.BytesIO(service.get_bytes(f"/studies/{pa.StudyInstanceUID}/sr")))
     assert sr.PatientName == pa.PatientName and list(sr.SpecificCharacterSet) == ["", "ISO 2022 IR 87"]
     (found,) = orthanc_post_find(orthanc, pa.StudyInstanceUID)
     modalities = sorted(orthanc.get(f"/series/{s}")["MainDicomTags"].get("Modality", "")
@@ -216,7 +267,7 @@ def test_non_chest_input_is_skipped_with_reason_and_no_sr(service):
     detail = service.study(study_uid)
     assert detail["results"] == []
     with pytest.raises(Exception) as missing:
-        _get_bytes(f"{service.api}/studies/{study_uid}/sr")
+        service.get_bytes(f"/studies/{study_uid}/sr")
     assert "404" in str(missing.value)
 
 
@@ -251,16 +302,20 @@ def orthanc_post_find(orthanc, study_uid: str) -> list[str]:
         return [hit["ID"] for hit in json.load(response) if hit["Type"] == "Study"]
 
 
-def _get_bytes(url: str) -> bytes:
+def _get_bytes(url: str, headers: dict[str, str]) -> bytes:
     import urllib.request
 
-    request = urllib.request.Request(url, headers={"X-User": "e2e-test"})
+    request = urllib.request.Request(url, headers=headers)
     with urllib.request.urlopen(request, timeout=20) as response:
         return response.read()
 
 
 def test_demo_sends_the_bundled_samples_and_prints_the_worklist(service):
-    result = subprocess.run([sys.executable, "-m", "cxr_triage.cli", "demo", "--timeout", "120"], env=service.env,
+    without_key = subprocess.run([sys.executable, "-m", "cxr_triage.cli", "demo", "--timeout", "5"], env=service.env,
+                                 cwd=service.workdir, capture_output=True, text=True, timeout=180)
+    assert without_key.returncode != 0 and "401" in without_key.stdout + without_key.stderr
+    result = subprocess.run([sys.executable, "-m", "cxr_triage.cli", "demo", "--timeout", "120"],
+                            env={**service.env, "CXR_TRIAGE_API_KEY": service.api_key},
                             cwd=service.workdir, capture_output=True, text=True, timeout=180)
     assert result.returncode == 0, result.stdout + result.stderr + service.log_text()[-3000:]
     assert result.stdout.count("C-STORE ") == 3 and result.stdout.count(": 0x0000") == 3, result.stdout

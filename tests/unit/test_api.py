@@ -18,14 +18,15 @@ import pytest
 from fastapi.testclient import TestClient
 from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from dashboard_api.app import create_app
 from tests.conftest import need
 from triage_core.db import Database
 from triage_core.models import AuditEvent, Base, Export, Finding, Instance, Job, ResultObject, Study
 from triage_core.settings import Settings
-from triage_core.states import AuditAction, ExportStatus, JobStatus, ResultKind, StudyStatus
+from triage_core.states import AuditAction, ExportStatus, JobStatus, ResultKind, Role, StudyStatus
+from triage_core.users import create_user
 from triage_core.storage import result_relpath
 
 FINDINGS = (
@@ -203,18 +204,34 @@ def seed(database: Database, results_dir: Path) -> None:
         session.add_all([high, tie, low, skipped, failed])
 
 
+#: API users of the fixture: name -> role. Requests without other headers are dr.house's.
+USERS = {"dr.house": Role.RADIOLOGIST, "alice": Role.RADIOLOGIST, "bob": Role.RADIOLOGIST,
+         "auditor": Role.AUDITOR, "root": Role.ADMIN}
+
+
 @dataclass
 class Env:
     client: TestClient
     database: Database
     settings: Settings
+    keys: dict[str, str]
+    #: The last event of the fixture's own set-up (the USER_CREATED events): tests see what follows.
+    baseline: int
 
     def events(self, action: AuditAction | None = None) -> list[AuditEvent]:
         with self.database.session() as session:
-            query = select(AuditEvent).order_by(AuditEvent.id)
+            query = select(AuditEvent).where(AuditEvent.seq > self.baseline).order_by(AuditEvent.seq)
             if action is not None:
                 query = query.where(AuditEvent.action == str(action))
             return list(session.execute(query).scalars())
+
+    def auth(self, user: str) -> dict[str, str]:
+        return {"Authorization": f"Bearer {self.keys[user]}"}
+
+
+def make_users(database: Database, names: dict[str, Role]) -> dict[str, str]:
+    with database.session() as session:
+        return {name: create_user(session, name=name, role=role, actor="cli:test").key for name, role in names.items()}
 
 
 @pytest.fixture
@@ -224,9 +241,13 @@ def env(database_url, tmp_path):
     database = Database(database_url)
     Base.metadata.create_all(database.engine)
     seed(database, settings.results_dir)
+    keys = make_users(database, USERS)
+    with database.session() as session:
+        baseline = session.scalar(select(func.max(AuditEvent.seq)))
     try:
-        with TestClient(create_app(settings, database)) as client:
-            yield Env(client, database, settings)
+        with TestClient(create_app(settings, database), headers={"Authorization": f"Bearer {keys['dr.house']}"}
+                        ) as client:
+            yield Env(client, database, settings, keys, baseline)
     finally:
         database.dispose()
 
@@ -487,8 +508,8 @@ def test_study_without_heatmaps_is_404(env):
 # --- audit -----------------------------------------------------------------------------------------
 
 
-def test_every_read_is_audited_with_the_user(env):
-    user = {"X-User": "dr.house@example.org"}
+def test_every_read_is_audited_with_the_authenticated_user(env):
+    user = env.auth("dr.house")
     assert env.client.get("/worklist", params={"limit": 2}, headers=user).status_code == 200
     assert env.client.get(f"/studies/{HIGH}", headers=user).status_code == 200
     assert env.client.get(f"/studies/{HIGH}/sr", headers=user).status_code == 200
@@ -496,76 +517,59 @@ def test_every_read_is_audited_with_the_user(env):
     assert env.client.get(f"/studies/{HIGH}/heatmaps/{HEATMAP_UIDS[0]}", headers=user).status_code == 200
     events = env.events()
     assert [(e.actor, e.action) for e in events] == [
-        ("dr.house@example.org", "READ_WORKLIST"),
-        ("dr.house@example.org", "READ_STUDY"),
-        ("dr.house@example.org", "READ_SR"),
-        ("dr.house@example.org", "READ_HEATMAPS"),
-        ("dr.house@example.org", "READ_HEATMAPS"),
+        ("dr.house", "READ_WORKLIST"),
+        ("dr.house", "READ_STUDY"),
+        ("dr.house", "READ_SR"),
+        ("dr.house", "READ_HEATMAPS"),
+        ("dr.house", "READ_HEATMAPS"),
     ]
     worklist, study, sr, heatmaps, heatmap = events
     assert worklist.study_id is None and worklist.detail["study_instance_uids"] == [HIGH, TIE]
     assert {e.study_instance_uid for e in (study, sr, heatmaps, heatmap)} == {HIGH}
+    assert {e.patient_id for e in (study, sr, heatmaps, heatmap)} == {"PID1"}
     assert all(e.study_id is not None for e in (study, sr, heatmaps, heatmap))
+    assert all(e.client_address == "testclient" and e.outcome == 0 for e in events)
     assert sr.detail == {"sop_instance_uid": SR_UID}
     assert heatmaps.detail == {"sop_instance_uids": HEATMAP_UIDS}
     assert heatmap.detail == {"sop_instance_uids": [HEATMAP_UIDS[0]]}
 
 
-def test_anonymous_reader_is_named_by_client_host(env):
-    env.client.get(f"/studies/{HIGH}")
+def test_x_user_names_nobody(env):
+    """The actor is the key's user, whatever a client writes in X-User."""
+    env.client.get(f"/studies/{HIGH}", headers={**env.auth("alice"), "X-User": "dr.house"})
     [event] = env.events(AuditAction.READ_STUDY)
-    assert event.actor == "anonymous@testclient"
-
-
-@pytest.mark.parametrize(
-    ("value", "fragment"),
-    [
-        ("x" * 129, "longer than 128"),
-        ("dr.\x7fhouse", "printable"),
-        ("dr.\thouse", "printable"),
-        ("system:worker", "system:"),
-    ],
-)
-def test_x_user_is_validated(env, value, fragment):
-    response = env.client.get(f"/studies/{HIGH}", headers={"X-User": value})
-    assert response.status_code == 422
-    assert fragment in response.json()["detail"]
-    assert env.events() == []
-
-
-def test_x_user_accepts_128_printable_characters_and_utf8(env):
-    assert env.client.get("/worklist", headers={"X-User": "u" * 128}).status_code == 200
-    headers = [(b"X-User", "dr.müller@klinik.example".encode())]
-    assert env.client.get("/worklist", headers=headers).status_code == 200
-    assert [e.actor for e in env.events()] == ["u" * 128, "dr.müller@klinik.example"]
+    assert event.actor == "alice"
 
 
 def test_audit_lists_events_newest_first_and_records_its_own_read(env):
-    env.client.get(f"/studies/{HIGH}", headers={"X-User": "alice"})
-    env.client.get(f"/studies/{HIGH}/sr", headers={"X-User": "bob"})
-    env.client.get(f"/studies/{TIE}", headers={"X-User": "alice"})
-    response = env.client.get("/audit", headers={"X-User": "auditor"})
+    env.client.get(f"/studies/{HIGH}", headers=env.auth("alice"))
+    env.client.get(f"/studies/{HIGH}/sr", headers=env.auth("bob"))
+    env.client.get(f"/studies/{TIE}", headers=env.auth("alice"))
+    response = env.client.get("/audit", headers=env.auth("auditor"))
     assert response.status_code == 200
     body = response.json()
-    assert body["count"] == 3
-    assert [(e["actor"], e["action"], e["study_instance_uid"]) for e in body["data"]] == [
+    assert body["count"] == 3 + env.baseline  # the fixture's USER_CREATED events before them
+    assert [(e["actor"], e["action"], e["study_instance_uid"]) for e in body["data"][:3]] == [
         ("alice", "READ_STUDY", TIE),
         ("bob", "READ_SR", HIGH),
         ("alice", "READ_STUDY", HIGH),
     ]
     assert body["data"][1]["detail"] == {"sop_instance_uid": SR_UID}
     assert datetime.fromisoformat(body["data"][0]["at"]).tzinfo is not None
+    newest, previous = body["data"][0], body["data"][1]
+    assert newest["seq"] == previous["seq"] + 1 and newest["prev_hash"] == previous["hash"]
     [own] = env.events(AuditAction.READ_AUDIT)
     assert own.actor == "auditor" and own.detail == {"filter": {"limit": 100, "offset": 0}}
 
 
 def test_audit_filters(env):
-    env.client.get(f"/studies/{HIGH}", headers={"X-User": "alice"})
-    env.client.get(f"/studies/{HIGH}/sr", headers={"X-User": "bob"})
-    env.client.get(f"/studies/{TIE}", headers={"X-User": "alice"})
+    env.client.get(f"/studies/{HIGH}", headers=env.auth("alice"))
+    env.client.get(f"/studies/{HIGH}/sr", headers=env.auth("bob"))
+    env.client.get(f"/studies/{TIE}", headers=env.auth("alice"))
 
     def actions(**params):
-        return [(e["actor"], e["action"]) for e in env.client.get("/audit", params=params).json()["data"]]
+        response = env.client.get("/audit", params=params, headers=env.auth("auditor"))
+        return [(e["actor"], e["action"]) for e in response.json()["data"]]
 
     assert actions(actor="alice") == [("alice", "READ_STUDY")] * 2
     assert actions(action="READ_SR") == [("bob", "READ_SR")]
@@ -589,7 +593,7 @@ def test_audit_filters(env):
     ],
 )
 def test_audit_rejects_bad_query_with_a_message(env, params, fragment):
-    response = env.client.get("/audit", params=params)
+    response = env.client.get("/audit", params=params, headers=env.auth("auditor"))
     assert response.status_code == 422
     assert fragment in response.json()["detail"], response.json()
 
@@ -606,3 +610,23 @@ def test_api_does_not_import_the_model_stack():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert result.stdout.strip() == ""
+
+
+def test_admin_can_retry_exports_others_may_not(env):
+    body = {"failed": True}
+    assert env.client.post("/exports/retry", json=body).status_code == 403  # a radiologist
+    assert env.client.post("/exports/retry", json=body, headers=env.auth("auditor")).status_code == 403
+    answer = env.client.post("/exports/retry", json=body, headers=env.auth("root"))
+    assert answer.status_code == 200, answer.text
+    (retried,) = answer.json()["data"]
+    assert retried == {"study_instance_uid": HIGH, "destination": "ARCHIVE@10.0.0.6:11112",
+                       "status": "EXPORT_PENDING"}
+    (event,) = env.events(AuditAction.EXPORT_RETRY_REQUESTED)
+    assert event.actor == "root" and event.detail["previous"] == "EXPORT_FAILED"
+    # Nothing failed any more; a bad body is a 422 with a message.
+    assert env.client.post("/exports/retry", json=body, headers=env.auth("root")).status_code == 404
+    bad = env.client.post("/exports/retry", json={"failed": True, "study_instance_uid": HIGH},
+                          headers=env.auth("root"))
+    assert bad.status_code == 422 and "study_instance_uid" in bad.text
+    by_study = env.client.post("/exports/retry", json={"study_instance_uid": LOW}, headers=env.auth("root"))
+    assert by_study.status_code == 200 and by_study.json()["count"] == 1

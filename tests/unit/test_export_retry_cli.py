@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import getpass
+import socket
 import sqlite3
 from datetime import datetime, timezone
 
@@ -42,7 +43,8 @@ def test_failed_exports_are_pending_again_published_and_audited(data_dir, capsys
         export = session.scalar(select(Export))
         assert export.status == "EXPORT_PENDING" and export.enqueued_at is not None
         event = session.scalar(select(AuditEvent).where(AuditEvent.action == "EXPORT_RETRY_REQUESTED"))
-        assert event.actor == f"cli:{getpass.getuser()}" and event.detail["previous"] == "EXPORT_FAILED"
+        assert event.actor == f"cli:{getpass.getuser()}@{socket.gethostname()}"
+        assert event.detail["previous"] == "EXPORT_FAILED"
     broker = sqlite3.connect(settings.data_dir / "broker.sqlite")
     (messages,) = broker.execute("SELECT count(*) FROM kombu_message").fetchone()
     broker.close()

@@ -175,7 +175,7 @@ def test_pa_and_lateral_study_scores_the_pa_and_lists_the_lateral_as_not_analyse
         sources = {r.source_sop_instance_uid for r in session.scalars(select(ResultObject)) if r.kind == "HEATMAP"}
     assert sources == {pa.SOPInstanceUID}
     client = TestClient(create_app(settings, database=database))
-    detail = client.get(f"/studies/{pa.StudyInstanceUID}", headers={"X-User": "test"}).json()
+    detail = client.get(f"/studies/{pa.StudyInstanceUID}", headers=reader(database)).json()
     eligibility = {i["sop_instance_uid"]: (i["eligible"], i["eligibility_reason"]) for i in detail["instances"]}
     assert eligibility[pa.SOPInstanceUID][0] is True
     assert eligibility[lateral.SOPInstanceUID] == (False, "lateral view (ViewPosition=LL)")
@@ -235,10 +235,19 @@ def test_reanalysis_never_exports_superseded_results(env, orthanc, tmp_path, kee
     assert item.ReferencedSeriesSequence[0].ReferencedSOPSequence[0].ReferencedSOPInstanceUID == first_sr
 
     client = TestClient(create_app(settings, database=database))
-    headers = {"X-User": "test"}
+    headers = reader(database)
     detail = client.get(f"/studies/{pa.StudyInstanceUID}", headers=headers).json()
     assert {r["sop_instance_uid"] for r in detail["results"]} == set(current)
     served = pydicom.dcmread(io.BytesIO(client.get(f"/studies/{pa.StudyInstanceUID}/sr", headers=headers).content))
     assert served.SOPInstanceUID == sr_row.sop_instance_uid
     assert client.get(f"/studies/{pa.StudyInstanceUID}/heatmaps/{next(iter(superseded))}",
                       headers=headers).status_code == 404
+
+
+def reader(database: Database) -> dict[str, str]:
+    """A radiologist's Authorization header (the API answers authenticated callers once a user exists)."""
+    from triage_core.users import create_user
+
+    with database.session() as session:
+        key = create_user(session, name="test-reader", role="radiologist", actor="cli:test").key
+    return {"Authorization": f"Bearer {key}"}

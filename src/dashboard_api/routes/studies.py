@@ -6,14 +6,15 @@ from collections import defaultdict
 
 from typing import Annotated
 
-from fastapi import APIRouter, HTTPException, Path, status
+from fastapi import APIRouter, Depends, HTTPException, status
 
 from triage_core import audit
 from triage_core.states import AuditAction, ExportStatus, ResultKind
 from triage_core.storage import is_valid_uid
 
 from .. import crud
-from ..deps import ActorDep, SessionDep, SettingsDep, StudyDep, StudyInstanceUidDep
+from ..auth import Principal, ReaderDep, read_studies
+from ..deps import SessionDep, SettingsDep, StudyDep, StudyInstanceUidDep, uid_path
 from ..dicom_files import (
     DICOM_MEDIA_TYPE,
     MULTIPART_MEDIA_TYPE,
@@ -34,14 +35,14 @@ from ..schemas import (
 )
 from .views import export_summary, study_fields
 
-router = APIRouter(prefix="/studies", tags=["studies"])
+router = APIRouter(prefix="/studies", tags=["studies"], dependencies=[Depends(read_studies)])
 
 _NOT_FOUND = {status.HTTP_404_NOT_FOUND: error_response("Unknown study, or no such result object")}
 _DICOM_FILE = {200: {"content": {DICOM_MEDIA_TYPE: {}}, "description": "A DICOM Part 10 file"}}
 
 
 @router.get("/{study_instance_uid}", response_model=StudyDetailPublic, responses=_NOT_FOUND)
-def read_study(session: SessionDep, actor: ActorDep, study_instance_uid: StudyInstanceUidDep) -> StudyDetailPublic:
+def read_study(session: SessionDep, principal: ReaderDep, study_instance_uid: StudyInstanceUidDep) -> StudyDetailPublic:
     """Everything known about a study: findings per image, instances, result objects, exports, jobs."""
     study = crud.get_study(session=session, study_instance_uid=study_instance_uid, full=True)
     if study is None:
@@ -70,7 +71,8 @@ def read_study(session: SessionDep, actor: ActorDep, study_instance_uid: StudyIn
         jobs=[JobPublic.model_validate(j) for j in study.jobs],
         disclaimer=disclaimer(demo=study.model_demo),
     )
-    audit.record(session, actor=actor, action=AuditAction.READ_STUDY, study=study)
+    audit.record(session, actor=principal.name, client_address=principal.client_address, action=AuditAction.READ_STUDY,
+                 study=study)
     return detail
 
 
@@ -79,32 +81,34 @@ def read_study(session: SessionDep, actor: ActorDep, study_instance_uid: StudyIn
     response_class=DicomResponse,
     responses={**_DICOM_FILE, **_NOT_FOUND},
 )
-def read_sr(session: SessionDep, settings: SettingsDep, actor: ActorDep, study: StudyDep) -> DicomResponse:
+def read_sr(session: SessionDep, settings: SettingsDep, principal: ReaderDep, study: StudyDep) -> DicomResponse:
     """The study's TID 1500 Structured Report (the newest, if re-processed) as ``application/dicom``."""
     reports = crud.get_results(session=session, study=study, kind=ResultKind.SR)
     if not reports:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study.study_instance_uid} has no structured report")
     report = reports[0]
     content = read_result_file(settings.results_dir, report)
-    audit.record(session, actor=actor, action=AuditAction.READ_SR, study=study, sop_instance_uid=report.sop_instance_uid)
+    audit.record(session, actor=principal.name, client_address=principal.client_address, action=AuditAction.READ_SR,
+                 study=study, sop_instance_uid=report.sop_instance_uid)
     return DicomResponse(
         content=content,
         headers={"Content-Disposition": f'attachment; filename="{report.sop_instance_uid}.dcm"'},
     )
 
 
-def _read_all(session, settings, actor, study, kind: ResultKind, noun: str, action: AuditAction
+def _read_all(session, settings, principal: Principal, study, kind: ResultKind, noun: str, action: AuditAction
               ) -> MultipartDicomResponse:
     objects = crud.get_results(session=session, study=study, kind=kind)
     if not objects:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study.study_instance_uid} has no {noun}s")
     objects.sort(key=lambda r: r.id)
     parts = [read_result_file(settings.results_dir, o) for o in objects]
-    audit.record(session, actor=actor, action=action, study=study, sop_instance_uids=[o.sop_instance_uid for o in objects])
+    audit.record(session, actor=principal.name, client_address=principal.client_address, action=action, study=study,
+                 sop_instance_uids=[o.sop_instance_uid for o in objects])
     return MultipartDicomResponse(parts)
 
 
-def _read_one(session, settings, actor, study, sop_instance_uid: str, kind: ResultKind, noun: str,
+def _read_one(session, settings, principal: Principal, study, sop_instance_uid: str, kind: ResultKind, noun: str,
               action: AuditAction) -> DicomResponse:
     if not is_valid_uid(sop_instance_uid):
         raise HTTPException(
@@ -116,7 +120,8 @@ def _read_one(session, settings, actor, study, sop_instance_uid: str, kind: Resu
             status.HTTP_404_NOT_FOUND, f"{noun} {sop_instance_uid} not found in study {study.study_instance_uid}"
         )
     content = read_result_file(settings.results_dir, found[0])
-    audit.record(session, actor=actor, action=action, study=study, sop_instance_uids=[sop_instance_uid])
+    audit.record(session, actor=principal.name, client_address=principal.client_address, action=action, study=study,
+                 sop_instance_uids=[sop_instance_uid])
     return DicomResponse(
         content=content,
         headers={"Content-Disposition": f'attachment; filename="{sop_instance_uid}.dcm"'},
@@ -131,12 +136,12 @@ def _read_one(session, settings, actor, study, sop_instance_uid: str, kind: Resu
         **_NOT_FOUND,
     },
 )
-def read_heatmaps(session: SessionDep, settings: SettingsDep, actor: ActorDep, study: StudyDep) -> MultipartDicomResponse:
+def read_heatmaps(session: SessionDep, settings: SettingsDep, principal: ReaderDep, study: StudyDep) -> MultipartDicomResponse:
     """All heatmap objects of the study as ``multipart/related; type="application/dicom"`` (DICOMweb style).
 
     The study detail lists their SOP Instance UIDs for retrieving one at a time.
     """
-    return _read_all(session, settings, actor, study, ResultKind.HEATMAP, "heatmap", AuditAction.READ_HEATMAPS)
+    return _read_all(session, settings, principal, study, ResultKind.HEATMAP, "heatmap", AuditAction.READ_HEATMAPS)
 
 
 @router.get(
@@ -147,12 +152,12 @@ def read_heatmaps(session: SessionDep, settings: SettingsDep, actor: ActorDep, s
 def read_heatmap(
     session: SessionDep,
     settings: SettingsDep,
-    actor: ActorDep,
+    principal: ReaderDep,
     study: StudyDep,
-    sop_instance_uid: Annotated[str, Path(description="SOP Instance UID of the heatmap", max_length=200)],
+    sop_instance_uid: Annotated[str, uid_path("SOP Instance UID of the heatmap")],
 ) -> DicomResponse:
     """One heatmap object as ``application/dicom``."""
-    return _read_one(session, settings, actor, study, sop_instance_uid, ResultKind.HEATMAP, "heatmap",
+    return _read_one(session, settings, principal, study, sop_instance_uid, ResultKind.HEATMAP, "heatmap",
                      AuditAction.READ_HEATMAPS)
 
 
@@ -164,10 +169,10 @@ def read_heatmap(
         **_NOT_FOUND,
     },
 )
-def read_parametric_maps(session: SessionDep, settings: SettingsDep, actor: ActorDep, study: StudyDep
+def read_parametric_maps(session: SessionDep, settings: SettingsDep, principal: ReaderDep, study: StudyDep
                          ) -> MultipartDicomResponse:
     """All Parametric Maps (the raw float CAMs, one per heatmap) as ``multipart/related; type="application/dicom"``."""
-    return _read_all(session, settings, actor, study, ResultKind.PARAMETRIC_MAP, "parametric map",
+    return _read_all(session, settings, principal, study, ResultKind.PARAMETRIC_MAP, "parametric map",
                      AuditAction.READ_PARAMETRIC_MAPS)
 
 
@@ -179,10 +184,10 @@ def read_parametric_maps(session: SessionDep, settings: SettingsDep, actor: Acto
 def read_parametric_map(
     session: SessionDep,
     settings: SettingsDep,
-    actor: ActorDep,
+    principal: ReaderDep,
     study: StudyDep,
-    sop_instance_uid: Annotated[str, Path(description="SOP Instance UID of the Parametric Map", max_length=200)],
+    sop_instance_uid: Annotated[str, uid_path("SOP Instance UID of the Parametric Map")],
 ) -> DicomResponse:
     """One Parametric Map as ``application/dicom``."""
-    return _read_one(session, settings, actor, study, sop_instance_uid, ResultKind.PARAMETRIC_MAP, "parametric map",
+    return _read_one(session, settings, principal, study, sop_instance_uid, ResultKind.PARAMETRIC_MAP, "parametric map",
                      AuditAction.READ_PARAMETRIC_MAPS)

@@ -4,21 +4,22 @@ from __future__ import annotations
 
 from typing import Annotated
 
-from fastapi import APIRouter, Query
+from fastapi import APIRouter, Depends, Query
 
 from triage_core import audit
 from triage_core.states import AuditAction
 
 from .. import crud
-from ..deps import ActorDep, SessionDep
+from ..auth import ReaderDep, read_studies
+from ..deps import SessionDep
 from ..schemas import WorklistItemPublic, WorklistPublic, WorklistQuery, disclaimer
 from .views import export_summary, study_fields
 
-router = APIRouter(tags=["worklist"])
+router = APIRouter(tags=["worklist"], dependencies=[Depends(read_studies)])
 
 
 @router.get("/worklist", response_model=WorklistPublic)
-def read_worklist(session: SessionDep, actor: ActorDep, query: Annotated[WorklistQuery, Query()]) -> WorklistPublic:
+def read_worklist(session: SessionDep, principal: ReaderDep, query: Annotated[WorklistQuery, Query()]) -> WorklistPublic:
     """Studies by priority (highest first, then oldest first), with their top findings and export state.
 
     SKIPPED and FAILED studies are listed with their reason: nothing is dropped silently.
@@ -39,7 +40,8 @@ def read_worklist(session: SessionDep, actor: ActorDep, query: Annotated[Worklis
     ]
     audit.record(
         session,
-        actor=actor,
+        actor=principal.name,
+        client_address=principal.client_address,
         action=AuditAction.READ_WORKLIST,
         status=[str(s) for s in query.status],
         limit=query.limit,

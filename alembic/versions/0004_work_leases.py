@@ -1,7 +1,7 @@
 """jobs and exports hold leases; exports keep their retry schedule in SQL; the sweeper's lease
 
-Revision ID: 0003_work_leases
-Revises: 0002
+Revision ID: 0004_work_leases
+Revises: 0003_auth_audit
 Create Date: 2026-11-27 16:00:00
 """
 from typing import Sequence, Union
@@ -9,8 +9,8 @@ from typing import Sequence, Union
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0003_work_leases"
-down_revision: Union[str, None] = "0002"
+revision: str = "0004_work_leases"
+down_revision: Union[str, None] = "0003_auth_audit"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
