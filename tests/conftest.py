@@ -86,12 +86,13 @@ def storescu(port: int, called_aet: str, *files: Path, calling_aet: str = "STORE
 class Orthanc:
     """A real Orthanc as the hospital PACS, on its own ports, with the DICOMweb plugin when installed."""
 
-    def __init__(self, workdir: Path) -> None:
+    def __init__(self, workdir: Path, **config: object) -> None:
         self.workdir = workdir
         self.dicom_port = free_port()
         self.http_port = free_port()
         self.ae_title = "ORTHANC_TEST"
         self.process: subprocess.Popen | None = None
+        self.extra_config = config
 
     @property
     def url(self) -> str:
@@ -117,6 +118,7 @@ class Orthanc:
             "StableAge": 1,
             "HttpServerEnabled": True,
             "HttpsVerifyPeers": False,
+            **self.extra_config,
         }
         config_path = self.workdir / "orthanc.json"
         config_path.write_text(json.dumps(config))

@@ -89,6 +89,23 @@ class CamMaps(Mapping[str, np.ndarray]):
         h, w = self.shape
         return f"CamMaps({len(self)} labels, {h}x{w}, {len(self._done)} mapped)"
 
+    @property
+    def native_shape(self) -> tuple[int, int]:
+        """(rows, columns) of the feature-map grid over the image itself (the padding cropped):
+        the model's own resolution, e.g. 7 x 7 for a square image at 224 px."""
+        h, w = self._raw.shape[-2:]
+        (rh, rw), size = self._geo.resized_shape, self._geo.input_size
+        return max(1, round(h * rh / size)), max(1, round(w * rw / size))
+
+    def native(self, label: str) -> np.ndarray:
+        """The map of `label` at the model's own resolution over the image (`native_shape`), in [0, 1]:
+        the same interpolation as the full-size map, onto a grid of that many cells."""
+        coarse = Geometry(self.native_shape, self._geo.input_size, self._geo.resized_shape, self._geo.offset)
+        ry, rx = image_grid_matrices(tuple(self._raw.shape[-2:]), coarse)
+        i = self._index[label]
+        out = torch.matmul(torch.matmul(ry, self._raw[i]), rx.T)
+        return normalize_max(out[None])[0].numpy().astype(np.float32, copy=False)
+
     def stack(self) -> np.ndarray:
         """All maps as one (C, H, W) float32 array in label order, computed in one batched product."""
         todo = [label for label in self._labels if label not in self._done]

@@ -43,6 +43,11 @@ def read_radiograph_and_metadata(path: Path) -> tuple[np.ndarray, cxr_model.Imag
         raise cxr_model.ImageRefused(str(exc)) from exc
 
 
-def render_heatmap(image: np.ndarray, cam: np.ndarray, **caption: object) -> np.ndarray:
-    """cxr_model's `HeatmapRenderer`: dicom_io's picture, with the legend of `caption`."""
-    return _render(image, cam, HeatmapCaption(**caption))
+def render_heatmap(image: np.ndarray, cam: np.ndarray, *, max_side: int | None = None, **caption: object) -> np.ndarray:
+    """cxr_model's `HeatmapRenderer`: dicom_io's picture, with the legend of `caption`, at the
+    heatmap display size (CXR_TRIAGE_HEATMAP_MAX_SIDE, as the service's heatmaps)."""
+    if max_side is None:
+        from triage_core.settings import Settings
+
+        max_side = Settings().heatmap_max_side
+    return _render(image, cam, HeatmapCaption(**caption), max_side)

@@ -219,9 +219,14 @@ def lossy_history(source: pydicom.Dataset) -> Lossy:
     return Lossy(True, ratios, methods)
 
 
-def set_lossy_attributes(source: pydicom.Dataset, target: pydicom.Dataset) -> None:
-    """Lossy Image Compression and, when lossy, its ratio and method (Type 1C)."""
+def set_lossy_attributes(source: pydicom.Dataset, target: pydicom.Dataset,
+                         also: tuple[str, str] | None = None) -> None:
+    """Lossy Image Compression and, when lossy, its ratios and methods (Type 1C): the source's
+    history, then `also` (ratio, method), a lossy compression of the target's own pixels."""
     history = lossy_history(source)
+    if also is not None:
+        history = Lossy(True, history.ratios + (also[0],), history.methods + (also[1],)) if (
+            not history.lossy or len(history.ratios) == len(history.methods)) else Lossy(True, (also[0],), (also[1],))
     target.LossyImageCompression = "01" if history.lossy else "00"
     for keyword in ("LossyImageCompressionRatio", "LossyImageCompressionMethod"):
         if keyword in target:

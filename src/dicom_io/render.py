@@ -9,6 +9,7 @@ overlay costs a few milliseconds.
 
 from __future__ import annotations
 
+import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import lru_cache
@@ -27,9 +28,10 @@ __all__ = [
     "render_heatmap",
     "render_on_backdrop",
     "render_overlay",
+    "render_overview",
 ]
 
-MAX_SIDE = 1024
+MAX_SIDE = 768  # the display size of heatmaps (CXR_TRIAGE_HEATMAP_MAX_SIDE)
 NOT_FOR_DIAGNOSTIC_USE = "NOT FOR DIAGNOSTIC USE"
 DEMO_WARNING = "DEMO WEIGHTS - not trained on clinical data"
 _ALPHA = 0.6  # opacity of the colour at the highest CAM value
@@ -71,9 +73,9 @@ class HeatmapCaption:
         return [NOT_FOR_DIAGNOSTIC_USE] + ([DEMO_WARNING] if self.demo else [])
 
 
-def render_heatmap(display: np.ndarray, cam: np.ndarray, caption: HeatmapCaption) -> np.ndarray:
+def render_heatmap(display: np.ndarray, cam: np.ndarray, caption: HeatmapCaption, max_side: int = MAX_SIDE) -> np.ndarray:
     """The heatmap picture of one finding: `cam` over `display` with the legend of `caption`."""
-    return render_overlay(display, cam, caption.lines(), caption.warnings())
+    return render_on_backdrop(backdrop(display, max_side), cam, caption.lines(), caption.warnings())
 
 
 def colormap(values: np.ndarray) -> np.ndarray:
@@ -118,8 +120,8 @@ def _font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
         return ImageFont.load_default()
 
 
-def backdrop(display: np.ndarray) -> np.ndarray:
-    """The radiograph as 8-bit grey, longest side at most `MAX_SIDE`.
+def backdrop(display: np.ndarray, max_side: int = MAX_SIDE) -> np.ndarray:
+    """The radiograph as 8-bit grey, longest side at most `max_side`.
 
     Computed once per source image and shared by all its overlays. Quantised
     to 8 bits before the (antialiased) downscale, which Pillow does several
@@ -131,7 +133,7 @@ def backdrop(display: np.ndarray) -> np.ndarray:
     grey = np.clip(np.asarray(display, dtype=np.float32) * np.float32(255.0) + np.float32(0.5), 0.0, 255.0)
     grey = grey.astype(np.uint8)
     rows, columns = display.shape
-    scale = min(1.0, MAX_SIDE / max(rows, columns))
+    scale = min(1.0, max_side / max(rows, columns))
     if scale < 1.0:
         size = (max(2, round(columns * scale)), max(2, round(rows * scale)))
         grey = np.asarray(Image.fromarray(grey, mode="L").resize(size, Image.Resampling.BILINEAR))
@@ -142,6 +144,11 @@ def render_on_backdrop(
     grey: np.ndarray, cam: np.ndarray, lines: Sequence[str], warning_lines: Sequence[str]
 ) -> np.ndarray:
     """Blend `cam` over the 8-bit `grey` (from `backdrop`) and add the legend band."""
+    return _add_legend(_blend(grey, cam), list(lines), list(warning_lines))
+
+
+def _blend(grey: np.ndarray, cam: np.ndarray) -> np.ndarray:
+    """`cam` (any size) in the colour map over the 8-bit `grey`, as RGB of `grey`'s size."""
     cam = np.asarray(cam)
     if cam.ndim != 2 or min(cam.shape) < 1:
         raise ValueError(f"cam must be a 2-D map, got shape {cam.shape}")
@@ -158,8 +165,35 @@ def render_on_backdrop(
     colour.putpalette(_PALETTE)
     underneath = Image.fromarray(grey, mode="L").convert("RGB")
     blended = Image.composite(colour.convert("RGB"), underneath, relevance.point(_OPACITY))
-    picture = np.asarray(blended, dtype=np.uint8)
-    return _add_legend(picture, list(lines), list(warning_lines))
+    return np.asarray(blended, dtype=np.uint8)
+
+
+def render_overview(
+    display: np.ndarray, tiles: Sequence[tuple[np.ndarray, str]], lines: Sequence[str],
+    warning_lines: Sequence[str], max_side: int = MAX_SIDE,
+) -> np.ndarray:
+    """One picture of several findings: a mosaic of (cam, label) tiles over the radiograph, each
+    labelled, with one legend band below. For a study with more positive findings than get an
+    image each, so that one image shows where the model looked for all of them."""
+    if not tiles:
+        raise ValueError("an overview needs at least one tile")
+    count = len(tiles)
+    columns = math.ceil(math.sqrt(count))
+    rows = math.ceil(count / columns)
+    tile_side = max(64, max_side // columns)
+    grey = backdrop(display, tile_side)
+    tile_height, tile_width = grey.shape
+    mosaic = Image.new("RGB", (columns * tile_width, rows * tile_height), (0, 0, 0))
+    font_size = max(10, min(18, tile_width // 18))
+    font = _font(font_size)
+    for index, (cam, label) in enumerate(tiles):
+        tile = Image.fromarray(_blend(grey, cam), mode="RGB")
+        draw = ImageDraw.Draw(tile)
+        box = draw.textbbox((0, 0), label, font=font)
+        draw.rectangle((0, 0, box[2] + 8, box[3] + 6), fill=(0, 0, 0))
+        draw.text((4, 2), label, fill=(255, 255, 255), font=font)
+        mosaic.paste(tile, ((index % columns) * tile_width, (index // columns) * tile_height))
+    return _add_legend(np.asarray(mosaic, dtype=np.uint8), list(lines), list(warning_lines))
 
 
 def render_overlay(display: np.ndarray, cam: np.ndarray, lines: Sequence[str], warning_lines: Sequence[str]) -> np.ndarray:

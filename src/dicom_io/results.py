@@ -17,7 +17,7 @@ import pydicom
 from triage_core.values import AlgorithmInfo, ImageResult
 
 from .pm import parametric_maps_by_finding
-from .sc import heatmaps_by_finding
+from .sc import HeatmapOptions, heatmaps_by_finding
 from .sr import build_sr
 
 __all__ = ["ResultObjects", "build_results"]
@@ -59,26 +59,33 @@ def build_results(
     *,
     parametric_maps: bool = True,
     predecessors: Sequence[pydicom.Dataset] = (),
+    heatmaps: HeatmapOptions = HeatmapOptions(),
+    native_cams_per_image: Sequence[Mapping[str, np.ndarray]] | None = None,
 ) -> ResultObjects:
     """The SR of all `sources`, and the heatmaps (and parametric maps, when
     `parametric_maps`) of each, in one call. `predecessors` are earlier SRs
-    of the study that this analysis replaces (see `sr.build_sr`)."""
+    of the study that this analysis replaces (see `sr.build_sr`).
+
+    `cams_per_image` are the maps the heatmaps are drawn from (any size);
+    `native_cams_per_image`, the maps at the model's own resolution that the
+    Parametric Maps store (`cams_per_image` when not given)."""
     if not (len(sources) == len(displays) == len(results) == len(cams_per_image)):
         raise ValueError(
             "build_results: sources, displays, results and cams_per_image must have the same length, got "
             f"{len(sources)}, {len(displays)}, {len(results)}, {len(cams_per_image)}"
         )
     sr = build_sr(sources, results, algorithm, predecessors=predecessors)
-    heatmaps: list[tuple[str, pydicom.Dataset]] = []
+    pictures: list[tuple[str, pydicom.Dataset]] = []
     maps: list[tuple[str, pydicom.Dataset]] = []
-    for source, display, result, cams in zip(sources, displays, results, cams_per_image):
-        heatmaps.extend(heatmaps_by_finding(source, display, result, cams, algorithm))
+    native = native_cams_per_image if native_cams_per_image is not None else cams_per_image
+    for source, display, result, cams, coarse in zip(sources, displays, results, cams_per_image, native, strict=True):
+        pictures.extend(heatmaps_by_finding(source, display, result, cams, algorithm, heatmaps))
         if parametric_maps:
-            maps.extend(parametric_maps_by_finding(source, result, cams, algorithm))
+            maps.extend(parametric_maps_by_finding(source, result, coarse, algorithm))
     return ResultObjects(
         sr=sr,
-        heatmaps=tuple(image for _, image in heatmaps),
-        heatmap_findings=tuple(name for name, _ in heatmaps),
+        heatmaps=tuple(image for _, image in pictures),
+        heatmap_findings=tuple(name for name, _ in pictures),
         parametric_maps=tuple(image for _, image in maps),
         parametric_map_findings=tuple(name for name, _ in maps),
     )

@@ -23,3 +23,8 @@ def compute_priority(findings: Iterable[FindingResult]) -> float:
 def keep_priority(previous: float | None, new: float) -> float:
     """A study never loses priority it already had."""
     return max(previous or 0.0, new)
+
+
+def urgency_order(findings: Iterable[str]) -> tuple[str, ...]:
+    """Finding names, the most urgent first (the order in which they get a heatmap of their own)."""
+    return tuple(sorted(findings, key=lambda name: -FINDING_WEIGHTS.get(name, 10.0)))

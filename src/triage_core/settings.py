@@ -9,7 +9,7 @@ import re
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
@@ -109,6 +109,11 @@ class Settings(BaseSettings):
     model_device: str = ""
     #: Also write a Parametric Map of the raw CAM beside each heatmap Secondary Capture.
     parametric_map: bool = True
+    #: Heatmap Secondary Captures: longest side in pixels, how many positive findings (the most urgent)
+    #: get an image each (beyond that, one overview image shows them all), JPEG baseline or none.
+    heatmap_max_side: int = Field(768, ge=64, le=4096)
+    heatmap_findings: int = Field(3, ge=0, le=14)
+    heatmap_compression: Literal["jpeg", "none"] = "jpeg"
     #: Keep the files of result objects that a re-analysis of the study no longer
     #: makes (they are never exported again nor listed); False deletes them.
     keep_superseded_results: bool = False

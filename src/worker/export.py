@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import logging
-
+import time
 from pathlib import Path
 
 from sqlalchemy import select
@@ -44,6 +44,7 @@ def export_once(settings: Settings, database: Database, export_id: int, *, now=N
     paths = result_paths(settings, database, study_id)
     error = ""
     renew = lambda session: work.renew_export(session, export_id, holder, policy)  # noqa: E731
+    started = time.perf_counter()
     with LeaseKeeper(database, renew, policy, f"export {export_id}"):
         try:
             if not paths:
@@ -51,6 +52,7 @@ def export_once(settings: Settings, database: Database, export_id: int, *, now=N
             send_files(destination, paths, calling_ae_title=settings.ae_title)
         except (ExportError, OSError) as exc:
             error = str(exc) or type(exc).__name__
+    sent_ms = 1000 * (time.perf_counter() - started)
     with database.session() as session:
         export = session.get(Export, export_id, with_for_update=True, populate_existing=True)
         if export is None or export.locked_by != holder or export.status != ExportStatus.EXPORT_PENDING:
@@ -67,6 +69,7 @@ def export_once(settings: Settings, database: Database, export_id: int, *, now=N
     log.info("export %s of study id %s to %s: %s%s%s", export_id, study_id, destination, status,
              f" ({error})" if error else "",
              f"; next attempt at {next_attempt:%H:%M:%S}" if status == ExportStatus.EXPORT_PENDING else "")
+    log.info("export %s stages ms: send=%.1f objects=%d", export_id, sent_ms, len(paths))
     return str(status)
 
 

@@ -7,9 +7,11 @@ one pass) -> SR + heatmaps (+ parametric maps) (highdicom) -> store -> priority 
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
+from collections.abc import Mapping
 from typing import Callable, Sequence
 
 import numpy as np
@@ -21,12 +23,13 @@ from cxr_model import ModelCard
 from dicom_io.eligibility import check_eligibility
 from dicom_io.pixels import PixelRefused, display_array
 from dicom_io.results import build_results
+from dicom_io.sc import HeatmapOptions
 from dicom_io.sr import sr_uid
 from triage_core import audit, work
 from .leases import LeaseKeeper
 from triage_core.db import Database
 from triage_core.models import Export, Finding, Instance, Job, ResultObject, Study
-from triage_core.priority import compute_priority, keep_priority
+from triage_core.priority import compute_priority, keep_priority, urgency_order
 from triage_core.settings import Settings
 from triage_core.states import AuditAction, ExportStatus, JobStatus, ResultKind, StudyStatus
 from triage_core.storage import atomic_write, result_relpath
@@ -65,6 +68,42 @@ class JobOutcome:
     status: str
     reason: str = ""
     export_ids: tuple[int, ...] = ()
+
+
+class _NativeCams(Mapping):
+    """A prediction's CAMs at the model's own resolution (what the Parametric Maps store)."""
+
+    def __init__(self, cams) -> None:
+        self._cams = cams
+
+    def __getitem__(self, label: str) -> np.ndarray:
+        return self._cams.native(label)
+
+    def __contains__(self, label: object) -> bool:
+        return label in self._cams
+
+    def __iter__(self):
+        return iter(self._cams)
+
+    def __len__(self) -> int:
+        return len(self._cams)
+
+
+class _Stages:
+    """Where a job's time goes: milliseconds per stage, in order (bench/pipeline_bench.py reads the log line)."""
+
+    def __init__(self) -> None:
+        self._start = self._last = time.perf_counter()
+        self._ms: dict[str, float] = {}
+
+    def mark(self, stage: str) -> None:
+        now = time.perf_counter()
+        self._ms[stage] = self._ms.get(stage, 0.0) + 1000 * (now - self._last)
+        self._last = now
+
+    def __str__(self) -> str:
+        parts = [f"{name}={ms:.1f}" for name, ms in self._ms.items()]
+        return " ".join(parts + [f"total={1000 * (self._last - self._start):.1f}"])
 
 
 class LeaseLost(Exception):
@@ -154,6 +193,7 @@ class Pipeline:
         return True
 
     def _process(self, job_id: int, study_id: int, holder: str) -> JobOutcome:
+        stages = _Stages()
         with self.database.session() as session:
             instances = session.scalars(
                 select(Instance).where(Instance.study_id == study_id).order_by(Instance.id)
@@ -162,6 +202,7 @@ class Pipeline:
             records = [(i.id, i.sop_instance_uid, i.path, i.sha256) for i in instances]
 
         selected, refusals = self._select(records)
+        stages.mark("select")
         if not selected:
             reason = "no eligible frontal chest radiograph: " + "; ".join(refusals or ["no instances"])
             with self.database.session() as session:
@@ -174,6 +215,7 @@ class Pipeline:
         card: ModelCard = model.card
         algorithm = algorithm_info(card, model.runtime)
         predictions = model.predict([s.display for s in selected], cams=True, metadata=[s.dataset for s in selected])
+        stages.mark("model")
         image_results = [
             ImageResult(
                 sop_instance_uid=str(s.dataset.SOPInstanceUID),
@@ -197,9 +239,13 @@ class Pipeline:
             [p.cams for p in predictions],
             algorithm,
             parametric_maps=self.settings.parametric_map,
+            heatmaps=self._heatmap_options(card.labels),
+            native_cams_per_image=[_NativeCams(p.cams) for p in predictions],
             predecessors=self._earlier_reports(study_id, study_uid, sr_uid(image_results, algorithm)),
         )
+        stages.mark("build")
         written = self._write_results(study_uid, objects, algorithm)
+        stages.mark("write")
         priority = compute_priority(f for r in image_results for f in r.findings)
         positives = sorted({f.finding for r in image_results for f in r.positive})
         reason = ("positive: " + ", ".join(positives)) if positives else "no finding above its operating threshold"
@@ -247,9 +293,15 @@ class Pipeline:
         if not self.settings.keep_superseded_results:
             for path in retired:
                 path.unlink(missing_ok=True)
+        stages.mark("db")
+        log.info("job %s stages ms: %s", job_id, stages)
         log.info("job %s: study id %s %s, priority %.1f, %d result object(s), model %s %s", job_id, study_id,
                  "DONE" if done else "superseded", priority, len(written), algorithm.name, algorithm.version)
         return JobOutcome(str(StudyStatus.DONE), reason, tuple(export_ids))
+
+    def _heatmap_options(self, labels) -> HeatmapOptions:
+        return HeatmapOptions(max_side=self.settings.heatmap_max_side, per_finding=self.settings.heatmap_findings,
+                              compress=self.settings.heatmap_compression == "jpeg", order=urgency_order(labels))
 
     def _earlier_reports(self, study_id: int, study_uid: str, new_sr_uid: str) -> list[Dataset]:
         """The study's earlier SRs (by UID, class and series) that the new one replaces."""

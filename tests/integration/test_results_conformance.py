@@ -104,3 +104,44 @@ def test_orthanc_stores_and_serves_sr_heatmap_and_parametric_map(orthanc, tmp_pa
             np.testing.assert_array_equal(back.pixel_array, sent_ds.pixel_array)
             is_sc = back.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
             assert back.BurnedInAnnotation == ("YES" if is_sc else "NO")
+
+
+def _stored_syntaxes(orthanc) -> dict[str, str]:
+    """SOP Class UID -> transfer syntax of what Orthanc stored."""
+    out = {}
+    for orthanc_id in orthanc.get("/instances"):
+        meta = orthanc.get(f"/instances/{orthanc_id}/header")
+        tags = orthanc.get(f"/instances/{orthanc_id}/tags?simplify")
+        out[tags["SOPClassUID"]] = meta["0002,0010"]["Value"]
+    return out
+
+
+def test_export_sends_jpeg_heatmaps_as_stored_and_uncompressed_where_refused(orthanc, tmp_path_factory) -> None:
+    """The export SCU offers each object as stored (heatmaps JPEG baseline) and uncompressed; a PACS that
+    takes only uncompressed data gets the heatmaps decompressed (still marked lossy), nothing is refused."""
+    from dicom_node.scu import send_files
+    from tests.conftest import Orthanc
+    from triage_core.settings import Destination
+
+    work = tmp_path_factory.mktemp("export")
+    paths = []
+    for number, ds in enumerate(_objects()):
+        ds.save_as(work / f"{number}.dcm", enforce_file_format=True)
+        paths.append(work / f"{number}.dcm")
+    sc = pydicom.uid.SecondaryCaptureImageStorage
+    assert send_files(Destination(orthanc.ae_title, "127.0.0.1", orthanc.dicom_port), paths,
+                      calling_ae_title="CXR_TEST") == len(paths)
+    assert _stored_syntaxes(orthanc)[sc] == pydicom.uid.JPEGBaseline8Bit
+    strict = Orthanc(tmp_path_factory.mktemp("orthanc-strict"), AcceptedTransferSyntaxes=[
+        pydicom.uid.ExplicitVRLittleEndian, pydicom.uid.ImplicitVRLittleEndian]).start()
+    try:
+        assert send_files(Destination(strict.ae_title, "127.0.0.1", strict.dicom_port), paths,
+                          calling_ae_title="CXR_TEST") == len(paths)
+        assert set(_stored_syntaxes(strict).values()) <= {pydicom.uid.ExplicitVRLittleEndian,
+                                                           pydicom.uid.ImplicitVRLittleEndian}
+        (heatmap_id,) = [i for i in strict.get("/instances")
+                         if strict.get(f"/instances/{i}/tags?simplify")["SOPClassUID"] == sc]
+        tags = strict.get(f"/instances/{heatmap_id}/tags?simplify")
+        assert tags["PhotometricInterpretation"] == "RGB" and tags["LossyImageCompression"] == "01"
+    finally:
+        strict.stop()

@@ -74,7 +74,7 @@ def test_conformant_input_gets_results_that_verify(name: str, tmp_path: Path) ->
     need(shutil.which("dsrdump") is not None, "dcmtk's dsrdump is not installed")
     source = _roundtrip(CONFORMANT[name](), tmp_path / "source.dcm")
     objects = build_results([source], [display_array(source)], [_result(source)], [_cams()], DEMO)
-    assert len(objects.heatmaps) == len(objects.parametric_maps) == 2
+    assert len(objects.heatmaps) == 2 and len(objects.parametric_maps) == 1
     for number, ds in enumerate(objects):
         written = fx.write(ds, tmp_path / f"{number}.dcm")
         errors, unexpected = _dciodvfy(written)
@@ -112,10 +112,13 @@ def test_image_library_states_the_projection_geometry(name: str) -> None:
 @pytest.mark.parametrize("name", ["dx_for_presentation_pa", "cr_with_orientation_and_imager_spacing"])
 def test_parametric_map_has_the_source_geometry(name: str) -> None:
     source = CONFORMANT[name]()
-    (pm, _) = build_results([source], [display_array(source)], [_result(source)], [_cams()], DEMO).parametric_maps
+    (pm,) = build_results([source], [display_array(source)], [_result(source)], [_cams()], DEMO).parametric_maps
     measures = pm.SharedFunctionalGroupsSequence[0].PixelMeasuresSequence[0]
-    assert [float(v) for v in measures.PixelSpacing] == [float(v) for v in source.ImagerPixelSpacing]
+    cells = (source.Rows / pm.Rows, source.Columns / pm.Columns)  # source pixels per map cell
+    expected = [float(v) * cell for v, cell in zip(source.ImagerPixelSpacing, cells)]
+    assert [float(v) for v in measures.PixelSpacing] == pytest.approx(expected)
     orientation = pm.SharedFunctionalGroupsSequence[0].PlaneOrientationSequence[0].ImageOrientationPatient
+    assert pm.NumberOfFrames == 14
     assert [float(v) for v in orientation] == [1, 0, 0, 0, 0, -1]  # rows towards L, columns towards F
     assert "Imager Pixel Spacing" in pm.DerivationDescription and "1 mm is nominal" not in pm.DerivationDescription
     assert "Patient Orientation (rows towards L, columns towards F)" in pm.DerivationDescription
@@ -123,7 +126,7 @@ def test_parametric_map_has_the_source_geometry(name: str) -> None:
 
 def test_parametric_map_says_when_geometry_is_assumed() -> None:
     source = pydicom.dcmread(DATA / "cxr_dicom" / "nih_00000001_000_cardiomegaly.dcm")
-    (pm, _) = build_results([source], [display_array(source)], [_result(source)], [_cams()], DEMO).parametric_maps
+    (pm,) = build_results([source], [display_array(source)], [_result(source)], [_cams()], DEMO).parametric_maps
     assert "1 mm is nominal" in pm.DerivationDescription and "are assumed" in pm.DerivationDescription
 
 
@@ -283,18 +286,24 @@ def test_result_uids_follow_the_source_content_and_thresholds() -> None:
 def test_lossy_source_gives_lossy_results_with_ratio_and_method(name: str, method: str) -> None:
     source = pydicom.dcmread(DATA / "cxr_dicom" / name)
     objects = build_results([source], [display_array(source)], [_result(source)], [_cams()], DEMO)
-    for ds in (*objects.heatmaps, *objects.parametric_maps):
+    for ds in objects.parametric_maps:  # float maps: the source's history only
         assert ds.LossyImageCompression == "01"
         assert ds.LossyImageCompressionMethod == method
         assert float(ds.LossyImageCompressionRatio) > 1
+    for ds in objects.heatmaps:  # the source's history, then our own JPEG, in the order applied
+        assert ds.LossyImageCompression == "01"
+        assert list(ds.LossyImageCompressionMethod) == [method, "ISO_10918_1"]
+        assert all(float(r) > 1 for r in ds.LossyImageCompressionRatio)
 
 
-def test_lossless_source_gives_no_lossy_attributes() -> None:
+def test_lossless_source_gives_lossless_maps_and_honestly_lossy_heatmaps() -> None:
     source = _dx_pa()
     objects = build_results([source], [display_array(source)], [_result(source)], [_cams()], DEMO)
-    for ds in (*objects.heatmaps, *objects.parametric_maps):
+    for ds in objects.parametric_maps:
         assert ds.LossyImageCompression == "00"
         assert "LossyImageCompressionRatio" not in ds and "LossyImageCompressionMethod" not in ds
+    for ds in objects.heatmaps:
+        assert ds.LossyImageCompression == "01" and ds.LossyImageCompressionMethod == "ISO_10918_1"
 
 
 # --- reading: integrity and bounded decoding ------------------------------------------------------------

@@ -6,10 +6,10 @@ Real file, real SQLite, the bundled model (the fixtures of test_pipeline.py).
 from __future__ import annotations
 
 import pydicom
-from sqlalchemy import select
+from sqlalchemy import func, select
 
 from tests.unit.test_pipeline import CHEST, _ready_job, _receive, env  # noqa: F401  (env is a fixture)
-from triage_core.models import ResultObject
+from triage_core.models import Finding, ResultObject
 
 
 def test_parametric_maps_are_stored_beside_the_heatmaps(env):  # noqa: F811
@@ -21,14 +21,20 @@ def test_parametric_maps_are_stored_beside_the_heatmaps(env):  # noqa: F811
         rows = session.scalars(select(ResultObject)).all()
         heatmaps = {r.finding: r for r in rows if r.kind == "HEATMAP"}
         maps = {r.finding: r for r in rows if r.kind == "PARAMETRIC_MAP"}
-        assert heatmaps and maps.keys() == heatmaps.keys()
+        # One map of the image holding every finding's CAM; heatmap images for the most urgent three
+        # positive findings, and an overview of all of them when there are more.
+        assert list(maps) == ["all"]
+        positives = session.scalar(select(func.count()).select_from(Finding).where(Finding.present.is_(True)))
+        assert len(heatmaps) == min(3, max(1, positives)) + (positives > 3)
+        header = pydicom.dcmread(settings.results_dir / maps["all"].path, stop_before_pixels=True)
+        assert (header.Rows, header.NumberOfFrames) == (7, 14)
         source_uid = str(pydicom.dcmread(CHEST, stop_before_pixels=True).SOPInstanceUID)
         for row in maps.values():
             assert row.sop_class_uid == pydicom.uid.ParametricMapStorage
             assert row.source_sop_instance_uid == source_uid and row.model_version
             ds = pydicom.dcmread(settings.results_dir / row.path)
             assert ds.SOPInstanceUID == row.sop_instance_uid and ds.SeriesInstanceUID == row.series_instance_uid
-            assert row.finding in ds.ContentDescription
+            assert "CAMs of 14 findings" in ds.ContentDescription
         study_uid = str(pydicom.dcmread(CHEST, stop_before_pixels=True).StudyInstanceUID)
 
     # The API serves them like the heatmaps: all as multipart/related, one by UID, each read audited.

@@ -22,6 +22,12 @@ one of `_ACCEPTED_WARNINGS` fails the test):
   (dicom_io.codes), declared in the Coding Scheme Identification Sequence;
   PS3.16 section 8 reserves designators starting "99" for private schemes,
   so by definition no table lists it.
+* "method inconsistent with Transfer Syntax - attribute
+  <LossyImageCompressionMethod> = <ISO_15444_1>": a heatmap of a JPEG 2000
+  lossy radiograph, itself JPEG compressed, lists both compressions in the
+  order applied (PS3.3 C.7.6.1.1.5.2: ISO_15444_1 then ISO_10918_1), as the
+  standard asks; dciodvfy compares every listed method with the object's own
+  transfer syntax.
 No Laterality warning: the SC and the map say BodyPartExamined CHEST (only
 chest radiographs are analysed), so Laterality (Type 2C) does not apply.
 """
@@ -45,7 +51,7 @@ from dicom_io import codes as _sr_codes
 from dicom_io.pixels import display_array
 from dicom_io.pm import PARAMETRIC_MAP_SERIES_NUMBER, build_parametric_maps
 from dicom_io.results import ResultObjects, build_results
-from dicom_io.sc import HEATMAP_SERIES_NUMBER, build_heatmaps
+from dicom_io.sc import HEATMAP_SERIES_NUMBER, HeatmapOptions, build_heatmaps, heatmaps_by_finding
 from dicom_io.sr import build_sr
 from dicom_io.uids import device_uid, image_key, result_uid
 from triage_core.values import AlgorithmInfo, FindingResult, ImageResult
@@ -110,6 +116,7 @@ _ACCEPTED_WARNINGS = (
     "Warning - Value dubious for this VR - (0x0008,0x0090) PN Referring Physician's Name ",
     "Warning - Attribute is not present in standard DICOM IOD - (0x0018,0x1002) UI Device UID",
     "Warning - Unrecognized defined term <99CXRTRIAGE> for value 1 of attribute <Coding Scheme Designator>",
+    "Warning - method inconsistent with Transfer Syntax - attribute <LossyImageCompressionMethod> = <ISO_15444_1>",
     "Warning - Dicom dataset contains attributes not present in standard DICOM IOD - "
     "this is a Standard Extended SOP Class",
 )
@@ -148,7 +155,7 @@ def cr() -> pydicom.Dataset:
 def test_sr_heatmaps_and_parametric_maps_pass_dciodvfy(path: Path, tmp_path: Path) -> None:
     source = pydicom.dcmread(path, force=True)
     objects = build_results([source], [display_array(source)], [_result(source)], [_cams()], DEMO)
-    assert len(objects.heatmaps) == len(objects.parametric_maps) == 2
+    assert len(objects.heatmaps) == 2 and len(objects.parametric_maps) == 1
     kinds = set()
     for number, ds in enumerate(objects):
         written = _write(ds, tmp_path / f"{number}.dcm")
@@ -334,8 +341,11 @@ def test_summary_heatmap_when_nothing_is_positive(nih: pydicom.Dataset) -> None:
 def test_heatmap_header(cr: pydicom.Dataset) -> None:
     (image, _) = build_heatmaps(cr, display_array(cr), _result(cr), _cams(), DEMO)
     assert image.SOPClassUID == pydicom.uid.SecondaryCaptureImageStorage
-    assert image.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian
-    assert image.PhotometricInterpretation == "RGB" and image.SamplesPerPixel == 3
+    assert image.file_meta.TransferSyntaxUID == pydicom.uid.JPEGBaseline8Bit
+    assert image.PhotometricInterpretation == "YBR_FULL_422" and image.SamplesPerPixel == 3
+    # Our own JPEG is lossy, and says so with its ratio (the CR source itself is lossless).
+    assert image.LossyImageCompression == "01" and image.LossyImageCompressionMethod == "ISO_10918_1"
+    assert float(image.LossyImageCompressionRatio) > 3
     assert list(image.ImageType[:2]) == ["DERIVED", "SECONDARY"]
     assert image.BurnedInAnnotation == "YES"
     for keyword in ("RescaleSlope", "RescaleIntercept", "WindowCenter", "WindowWidth", "VOILUTSequence"):
@@ -347,30 +357,38 @@ def test_heatmap_header(cr: pydicom.Dataset) -> None:
     assert reference.ReferencedSOPInstanceUID == cr.SOPInstanceUID
     # The source states no Patient Orientation; the copy does not invent one.
     assert "PatientOrientation" in image and not image.PatientOrientation
+    (plain, _) = build_heatmaps(cr, display_array(cr), _result(cr), _cams(), DEMO, HeatmapOptions(compress=False))
+    assert plain.file_meta.TransferSyntaxUID == ExplicitVRLittleEndian and plain.PhotometricInterpretation == "RGB"
+    assert plain.LossyImageCompression == "00"
 
 
 def test_heatmap_keeps_the_source_patient_orientation() -> None:
     big = pydicom.dcmread(RG1)
     (image, _) = build_heatmaps(big, display_array(big), _result(big), _cams(), DEMO)
     assert list(image.PatientOrientation) == ["L", "F"] == list(big.PatientOrientation)
-    assert image.LossyImageCompression == "01"  # made from a lossy JPEG 2000 source
+    # Made from a lossy JPEG 2000 source, then JPEG compressed: both, in the order applied.
+    assert image.LossyImageCompression == "01"
+    assert list(image.LossyImageCompressionMethod) == ["ISO_15444_1", "ISO_10918_1"]
+    assert len(image.LossyImageCompressionRatio) == 2 and float(image.LossyImageCompressionRatio[0]) == 10
 
 
-def test_heatmap_is_downscaled_to_1024() -> None:
+@pytest.mark.parametrize("max_side", [768, 512])
+def test_heatmap_is_downscaled_to_the_display_size(max_side: int) -> None:
     big = pydicom.dcmread(RG1)  # 1841 x 1955
-    (image, _) = build_heatmaps(big, display_array(big), _result(big), _cams(), DEMO)
-    assert image.Columns == round(1841 * 1024 / 1955)
+    options = HeatmapOptions(max_side=max_side, compress=False)
+    (image, _) = build_heatmaps(big, display_array(big), _result(big), _cams(), DEMO, options)
+    assert image.Columns == round(1841 * max_side / 1955)
     rgb = image.pixel_array
-    # The picture fills rows 0..1023; the legend band below starts with a black margin.
-    assert rgb[1020:1024].max() > 0 and rgb[1024:1028].max() == 0
-    assert image.Rows > 1024
+    # The picture fills the first max_side rows; the legend band below starts with a black margin.
+    assert rgb[max_side - 4:max_side].max() > 0 and rgb[max_side:max_side + 4].max() == 0
+    assert image.Rows > max_side
 
 
 def test_heatmap_is_hotter_where_the_cam_is_high(nih: pydicom.Dataset) -> None:
     display = display_array(nih)
-    (image, _) = build_heatmaps(nih, display, _result(nih), _cams(hot=(1, 1)), DEMO)
-    rgb = image.pixel_array.astype(np.int32)
-    side = 1024  # NIH images are 1024x1024: no downscale, the picture is rows 0..1023
+    (image, _) = build_heatmaps(nih, display, _result(nih), _cams(hot=(1, 1)), DEMO, HeatmapOptions(max_side=1024))
+    rgb = image.pixel_array.astype(np.int32)  # decoded from JPEG, as a viewer shows it
+    side = 1024  # NIH images are 1024x1024: no downscale at this size, the picture is rows 0..1023
     hot = rgb[: side // 4, : side // 4]
     cold = rgb[side * 3 // 4 : side, side * 3 // 4 : side]
     warmth = lambda block: float(np.mean(block[..., 0] - block[..., 2]))  # noqa: E731  red minus blue
@@ -382,18 +400,19 @@ def test_heatmap_is_hotter_where_the_cam_is_high(nih: pydicom.Dataset) -> None:
 
 def test_heatmap_legend_is_burned_in(nih: pydicom.Dataset) -> None:
     (image, _) = build_heatmaps(nih, display_array(nih), _result(nih), _cams(), DEMO)
-    band = image.pixel_array[1024:]
+    band = image.pixel_array[768:]
     assert band.shape[0] > 50
     assert (band > 200).any()  # text and colour bar
     assert "NOT FOR DIAGNOSTIC USE" in image.ImageComments and "DEMO WEIGHTS" in image.ImageComments
 
 
 def test_secondary_capture_shows_what_predict_heatmaps_draws(nih: pydicom.Dataset) -> None:
-    """One renderer: the SC's pixels are the picture `cxr-triage predict --heatmaps` writes for the same inputs."""
+    """One renderer: the SC's pixels are the picture `cxr-triage predict --heatmaps` writes for the same inputs
+    (exactly, before the SC's JPEG compression)."""
     from cxr_triage.dicom_input import render_heatmap
 
     display, result, cams = display_array(nih), _result(nih), _cams()
-    images = build_heatmaps(nih, display, result, cams, DEMO)
+    images = build_heatmaps(nih, display, result, cams, DEMO, HeatmapOptions(compress=False))
     for image, finding in zip(images, result.positive, strict=True):
         picture = render_heatmap(
             display, cams[finding.finding], finding=finding.finding, probability=finding.probability,
@@ -401,6 +420,46 @@ def test_secondary_capture_shows_what_predict_heatmaps_draws(nih: pydicom.Datase
             model_version=DEMO.version, demo=DEMO.demo,
         )
         np.testing.assert_array_equal(image.pixel_array, picture)
+
+
+def test_many_positive_findings_get_images_for_the_most_urgent_and_one_overview(nih: pydicom.Dataset) -> None:
+    positives = ("Pneumothorax", "Effusion", "Pneumonia", "Consolidation", "Edema", "Mass", "Cardiomegaly", "Nodule")
+    result = _result(nih, positives=positives)
+    order = ("Pneumothorax", "Effusion", "Pneumonia", "Consolidation", "Edema", "Mass", "Cardiomegaly",
+             "Atelectasis", "Nodule")
+    pairs = heatmaps_by_finding(nih, display_array(nih), result, _cams(), DEMO, HeatmapOptions(per_finding=3, order=order))
+    assert [name for name, _ in pairs] == ["Pneumothorax", "Effusion", "Pneumonia", "overview"]
+    overview = pairs[-1][1]
+    assert overview.ImageComments.startswith("Overview of 8 positive findings: Pneumothorax")
+    assert all(name in overview.ImageComments for name in positives)
+    # Three or fewer positives: no overview.
+    few = heatmaps_by_finding(nih, display_array(nih), _result(nih), _cams(), DEMO, HeatmapOptions(per_finding=3))
+    assert [name for name, _ in few] == ["Cardiomegaly", "Effusion"]
+
+
+@pytest.mark.parametrize("positives", [1, 3, 8, 14])
+def test_result_volume_stays_within_the_budget(positives: int, tmp_path: Path) -> None:
+    """At most 3 MB of result objects for a 1024x1024 image with eight positive findings, SR included,
+    and no worse with all fourteen (README "Result volume")."""
+    source = pydicom.dcmread(NIH)
+    names = FINDINGS[:positives]
+    result = _result(source, positives=names)
+    native = {name: cam for name, cam in _cams(size=7).items()}
+    objects = build_results([source], [display_array(source)], [result], [_cams()], DEMO, native_cams_per_image=[native])
+    sizes = [len(_encoded(ds)) for ds in objects]
+    assert sum(sizes) <= 3_000_000, sizes
+    assert len(objects.heatmaps) == min(positives, 3) + (positives > 3)
+    (pm,) = objects.parametric_maps  # every finding's map, one frame each
+    assert (pm.Rows, pm.Columns, pm.NumberOfFrames) == (7, 7, 14)
+    print(f"\n{positives} positive: {sum(sizes) / 1e6:.2f} MB in {len(sizes)} objects")
+
+
+def _encoded(ds: pydicom.Dataset) -> bytes:
+    import io
+
+    buffer = io.BytesIO()
+    ds.save_as(buffer, enforce_file_format=True)
+    return buffer.getvalue()
 
 
 def test_tracking_uids_are_stable_per_source_model_and_finding(nih: pydicom.Dataset, cr: pydicom.Dataset) -> None:
@@ -435,35 +494,45 @@ def test_documents_share_no_content_items(nih: pydicom.Dataset, cr: pydicom.Data
     assert library == {str(cr.SOPInstanceUID)} and str(nih.SOPInstanceUID) not in str(second)
 
 
-def test_parametric_map_holds_the_cam_on_the_source_grid(nih: pydicom.Dataset, tmp_path: Path) -> None:
+def test_parametric_map_holds_every_cam_at_its_own_resolution(nih: pydicom.Dataset, tmp_path: Path) -> None:
     result = _result(nih)
-    yy, xx = np.mgrid[0 : nih.Rows, 0 : nih.Columns]
-    cam = (yy / (nih.Rows - 1) * 0.5 + xx / (nih.Columns - 1) * 0.5).astype(np.float32)  # a ramp in [0, 1]
-    cams = {name: cam for name in FINDINGS}
-    maps = build_parametric_maps(nih, result, cams, DEMO)
-    assert len(maps) == 2  # one per positive finding, as the heatmaps
-    path = _write(maps[0], tmp_path / "pm.dcm")
+    yy, xx = np.mgrid[0:7, 0:7]
+    ramp = (yy / 6 * 0.5 + xx / 6 * 0.5).astype(np.float32)  # a ramp in [0, 1] on the model's 7 x 7 grid
+    cams = {name: ramp * (index + 1) / 14 for index, name in enumerate(FINDINGS)}
+    (single,) = build_parametric_maps(nih, result, cams, DEMO)  # one map of the image, all findings
+    path = _write(single, tmp_path / "pm.dcm")
+    assert path.stat().st_size < 30_000
     pm = hd.pm.ParametricMap.from_dataset(pydicom.dcmread(path))
     assert pm.SOPClassUID == pydicom.uid.ParametricMapStorage
-    assert (pm.Rows, pm.Columns) == (nih.Rows, nih.Columns) and pm.BitsAllocated == 32
-    np.testing.assert_array_equal(pm.pixel_array, cam)  # FloatPixelData: the CAM itself
-    mapping = pm.SharedFunctionalGroupsSequence[0].RealWorldValueMappingSequence[0]
-    assert mapping.LUTLabel == "CAM" and "Cardiomegaly" in mapping.LUTExplanation
-    assert (float(mapping.RealWorldValueSlope), float(mapping.RealWorldValueIntercept)) == (1.0, 0.0)
-    assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"
+    assert (pm.Rows, pm.Columns, pm.NumberOfFrames) == (7, 7, 14) and pm.BitsAllocated == 32
+    stored = pm.pixel_array
+    for index, (name, frame) in enumerate(zip(FINDINGS, pm.PerFrameFunctionalGroupsSequence, strict=True)):
+        np.testing.assert_array_equal(stored[index], cams[name])  # FloatPixelData: each CAM itself
+        (mapping,) = frame.RealWorldValueMappingSequence
+        assert mapping.LUTLabel == name[:16] and name in mapping.LUTExplanation
+        assert (float(mapping.RealWorldValueSlope), float(mapping.RealWorldValueIntercept)) == (1.0, 0.0)
+        assert mapping.MeasurementUnitsCodeSequence[0].CodeValue == "1"
+    # Each cell spans 1024/7 source pixels; the NIH file states no spacing, so 1 mm is nominal.
+    shared = pm.SharedFunctionalGroupsSequence[0]
+    assert [float(v) for v in shared.PixelMeasuresSequence[0].PixelSpacing] == pytest.approx([1024 / 7] * 2)
     frame = pm.PerFrameFunctionalGroupsSequence[0]
+    position = [float(v) for v in frame.PlanePositionSequence[0].ImagePositionPatient]
+    half_cell = (1024 / 7 - 1) / 2
+    assert position == pytest.approx([half_cell, 0.0, -half_cell])  # rows towards L (+x), columns towards F (-z)
     (derivation,) = frame.DerivationImageSequence
     (reference,) = derivation.SourceImageSequence
-    assert reference.ReferencedSOPInstanceUID == nih.SOPInstanceUID and reference.SpatialLocationsPreserved == "YES"
+    assert reference.ReferencedSOPInstanceUID == nih.SOPInstanceUID and reference.SpatialLocationsPreserved == "NO"
     assert pm.StudyInstanceUID == nih.StudyInstanceUID and pm.get("PatientID") == nih.get("PatientID")
     assert pm.SeriesInstanceUID != nih.SeriesInstanceUID and pm.SeriesNumber == PARAMETRIC_MAP_SERIES_NUMBER
     assert pm.FrameOfReferenceUID == result_uid(image_key(result), DEMO, "parametric-map-frame-of-reference")
-    assert pm.ContentDescription == "NOT FOR DIAGNOSTIC USE; DEMO WEIGHTS; CAM of Cardiomegaly"
-    assert "NOT FOR DIAGNOSTIC USE" in pm.ImageComments and "DEMO WEIGHTS" in pm.ImageComments
-    assert pm.SeriesDescription.endswith("DEMO WEIGHTS")
-    # A coarse CAM (the model's 7x7) is resampled to the source's grid.
-    (coarse,) = build_parametric_maps(nih, _result(nih, positives=()), _cams(), DEMO)
-    assert (coarse.Rows, coarse.Columns) == (nih.Rows, nih.Columns)
+    assert pm.ContentDescription == "NOT FOR DIAGNOSTIC USE; DEMO WEIGHTS; CAMs of 14 findings"
+    assert pm.ImageComments.startswith("Frames in this order: Atelectasis 0.0500")
+    assert "Cardiomegaly 0.7900 (threshold 0.5000, POSITIVE)" in pm.ImageComments and "DEMO WEIGHTS" in pm.ImageComments
+    assert pm.SeriesDescription.endswith("DEMO WEIGHTS") and "(7x7 cells over its 1024x1024 pixels)" in pm.DerivationDescription
+    with pytest.raises(ValueError, match="finer than"):
+        build_parametric_maps(nih, result, {name: np.zeros((2048, 2048), np.float32) for name in FINDINGS}, DEMO)
+    with pytest.raises(ValueError, match="no CAM for finding"):
+        build_parametric_maps(nih, result, {name: ramp for name in FINDINGS[:-1]}, DEMO)
 
 
 def test_parametric_maps_can_be_switched_off(nih: pydicom.Dataset) -> None:
@@ -471,7 +540,8 @@ def test_parametric_maps_can_be_switched_off(nih: pydicom.Dataset) -> None:
     assert objects.parametric_maps == () and objects.parametric_map_findings == ()
     assert len(objects.heatmaps) == 2 and len(list(objects)) == 3
     with_maps = build_results([nih], [display_array(nih)], [_result(nih)], [_cams()], DEMO)
-    assert with_maps.parametric_map_findings == ("Cardiomegaly", "Effusion") == with_maps.heatmap_findings
+    assert with_maps.parametric_map_findings == ("all",)
+    assert with_maps.heatmap_findings == ("Cardiomegaly", "Effusion")
 
 
 def test_results_bench_runs_and_prints_numbers(tmp_path: Path) -> None:
