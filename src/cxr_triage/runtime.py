@@ -127,23 +127,26 @@ def _wait_for_signal() -> None:
 
 
 def run_node(settings: Settings) -> None:
-    from dicom_node.ingest import IngestService
+    """The DICOM edge (listeners and admission here, associations in receiving processes) and the
+    quiet-period scheduler that queues ready studies."""
+    from functools import partial
+
+    from dicom_node.processes import receiver_processes, start_node
     from dicom_node.readiness import ReadinessLoop
-    from dicom_node.scp import start_scp
     from worker.celery_app import enqueuer, make_celery
 
     settings.ensure_dirs()
     database = Database(settings.database_url)
     celery_app = make_celery(settings)
-    ingest = IngestService(settings, database)
-    server = start_scp(settings, ingest)
+    edge = start_node(settings, database, receiver_processes(settings),
+                      initializer=partial(configure_logging, settings, "node"))
     loop = ReadinessLoop(database, settings.series_quiet_seconds, enqueuer(celery_app))
     loop.start()
     try:
         _wait_for_signal()
     finally:
         log.info("node stopping")
-        server.shutdown()
+        edge.shutdown()
         loop.stop()
         database.dispose()
 

@@ -41,6 +41,13 @@ class AuditAction(StrEnum):
     INSTANCE_RECEIVED = "INSTANCE_RECEIVED"
     INSTANCE_DUPLICATE = "INSTANCE_DUPLICATE"
     INSTANCE_REJECTED = "INSTANCE_REJECTED"
+    #: The DICOM node refused a connection or association (network, limits, AE titles, TLS).
+    ASSOCIATION_REJECTED = "ASSOCIATION_REJECTED"
+    #: The DICOM node ended an association whose peer broke a bound (timeout, PDU or data set size).
+    ASSOCIATION_ABORTED = "ASSOCIATION_ABORTED"
+    #: A DICOM peer queried (C-FIND) or retrieved (C-GET, C-MOVE) study data.
+    DICOM_QUERY = "DICOM_QUERY"
+    DICOM_RETRIEVE = "DICOM_RETRIEVE"
     STATUS_CHANGED = "STATUS_CHANGED"
     JOB_ENQUEUED = "JOB_ENQUEUED"
     RESULT_STORED = "RESULT_STORED"

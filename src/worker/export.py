@@ -36,7 +36,7 @@ def export_once(settings: Settings, database: Database, export_id: int, *, final
     try:
         if not paths:
             raise ExportError("no result objects to export")
-        send_files(destination, paths, calling_ae_title=settings.ae_title)
+        send_files(destination, paths, calling_ae_title=settings.ae_title, settings=settings)
         status = ExportStatus.EXPORTED
     except (ExportError, OSError) as exc:
         error = str(exc)

@@ -1,0 +1,244 @@
+"""Receiving processes: associations spread over N processes, admission kept in one.
+
+One Python process receives on one core at a time (the GIL): PDU decoding,
+header parsing and hashing of concurrent associations queue behind each other.
+`start_node` keeps the listeners and `policy.Admission` in the calling process
+(exact limits in all and per source, one place for refusals) and passes each
+admitted connection's file descriptor (SCM_RIGHTS over a Unix socket pair) to
+the receiving process with the fewest associations in progress. Each receiving
+process has its own database engine, `IngestService` and group committer; it
+says when a connection has ended so that the counts stay exact. A receiving
+process that dies is replaced; its connections are counted as ended.
+"""
+
+from __future__ import annotations
+
+import itertools
+import json
+import logging
+import multiprocessing
+import os
+import signal
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from triage_core.db import Database
+from triage_core.settings import Settings
+
+from .ingest import IngestService
+from .policy import RefusalLog
+from .scp import DicomEdge, admission, build_receiver, clear_spool, endpoints
+from .server import Listener, OnClose
+
+log = logging.getLogger(__name__)
+
+#: Receiving processes when CXR_TRIAGE_DICOM_RECEIVERS is unset: one per core, at most this many.
+MAX_AUTO_RECEIVERS = 4
+_MESSAGE = 4096
+
+
+def receiver_processes(settings: Settings, cores: int | None = None) -> int:
+    if settings.dicom_receivers:
+        return settings.dicom_receivers
+    if cores is None:
+        try:
+            cores = len(os.sched_getaffinity(0))
+        except AttributeError:  # not Linux
+            cores = os.cpu_count() or 1
+    return max(1, min(cores, MAX_AUTO_RECEIVERS))
+
+
+@dataclass
+class _Child:
+    index: int
+    process: Any
+    channel: socket.socket
+    pending: dict[int, OnClose] = field(default_factory=dict)
+    lock: threading.Lock = field(default_factory=threading.Lock)
+    alive: bool = True
+    ready: threading.Event = field(default_factory=threading.Event)
+
+
+class ReceiverPool:
+    """The receiving processes, seen from the listening process."""
+
+    def __init__(self, settings: Settings, processes: int, initializer: Callable[[], None] | None = None) -> None:
+        self.settings = settings
+        self.processes = processes
+        self.initializer = initializer
+        self._children: list[_Child] = []
+        self._ids = itertools.count(1)
+        self._stopping = False
+        self._lock = threading.Lock()
+        self._context = multiprocessing.get_context("spawn")
+
+    def start(self, timeout: float = 120.0) -> "ReceiverPool":
+        """Start the processes and wait until each can take connections."""
+        for index in range(self.processes):
+            self._children.append(self._spawn(index))
+        deadline = time.monotonic() + timeout
+        for child in self._children:
+            if not child.ready.wait(max(0.1, deadline - time.monotonic())):
+                self.shutdown(timeout=5)
+                raise RuntimeError(f"receiving process {child.index} did not start (exit code "
+                                   f"{child.process.exitcode}); see its log lines above")
+        return self
+
+    def _spawn(self, index: int) -> _Child:
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        process = self._context.Process(target=receiver_main, name=f"dicom-receiver-{index}",
+                                        args=(self.settings, theirs, index, self.initializer))
+        process.start()
+        theirs.close()
+        child = _Child(index, process, ours)
+        threading.Thread(target=self._watch, args=(child,), name=f"receiver-{index}-watch", daemon=True).start()
+        log.info("receiving process %d started (pid %s)", index, process.pid)
+        return child
+
+    def dispatch(self, sock: socket.socket, client_address: Any, *, tls: bool, on_close: OnClose) -> None:
+        with self._lock:
+            candidates = [c for c in self._children if c.alive]
+            if not candidates:
+                raise RuntimeError("no receiving process is running")
+            child = min(candidates, key=lambda c: len(c.pending))
+            conn_id = next(self._ids)
+            with child.lock:
+                child.pending[conn_id] = on_close
+        message = json.dumps({"id": conn_id, "address": list(client_address[:2]), "tls": tls,
+                              "local": list(sock.getsockname()[:2])}).encode()
+        try:
+            socket.send_fds(child.channel, [message], [sock.fileno()])
+        except OSError:
+            with child.lock:
+                child.pending.pop(conn_id, None)
+            raise
+        finally:
+            sock.close()
+
+    def _watch(self, child: _Child) -> None:
+        while True:
+            try:
+                message = child.channel.recv(_MESSAGE)
+            except OSError:
+                message = b""
+            if not message:
+                break
+            kind, _, value = message.decode("ascii", "replace").partition(" ")
+            if kind == "ready":
+                child.ready.set()
+            elif kind == "closed":
+                with child.lock:
+                    on_close = child.pending.pop(int(value), None)
+                if on_close is not None:
+                    on_close()
+        child.alive = False
+        with child.lock:
+            lost = list(child.pending.values())
+            child.pending.clear()
+        for on_close in lost:
+            on_close()
+        child.process.join(timeout=5)
+        if not self._stopping:
+            log.error("receiving process %d exited (code %s) with %d connection(s); starting another",
+                      child.index, child.process.exitcode, len(lost))
+            time.sleep(1.0)
+            replacement = self._spawn(child.index)
+            with self._lock:
+                self._children = [replacement if c is child else c for c in self._children]
+
+    def shutdown(self, timeout: float = 20.0) -> None:
+        self._stopping = True
+        for child in self._children:
+            try:
+                child.channel.shutdown(socket.SHUT_WR)  # the child stops taking connections and drains
+            except OSError:
+                pass
+        deadline = time.monotonic() + timeout
+        for child in self._children:
+            child.process.join(max(0.1, deadline - time.monotonic()))
+            if child.process.is_alive():
+                log.warning("receiving process %d did not stop in time; terminating it", child.index)
+                child.process.terminate()
+                child.process.join(5)
+            child.channel.close()
+
+
+def receiver_main(settings: Settings, channel: socket.socket, index: int,
+                  initializer: Callable[[], None] | None) -> None:
+    """A receiving process: run the associations whose connections arrive on `channel`."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the listening process decides when to stop
+    stop = threading.Event()
+    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+    if initializer is not None:
+        initializer()
+    database = Database(settings.database_url)
+    ingest = IngestService(settings, database)
+    refusals = RefusalLog(database)
+    receiver = build_receiver(settings, ingest, database, refusals)
+    send_lock = threading.Lock()
+
+    def closed(conn_id: int) -> None:
+        with send_lock:
+            try:
+                channel.send(f"closed {conn_id}".encode())
+            except OSError:
+                pass
+
+    with send_lock:
+        channel.send(b"ready")
+    try:
+        while not stop.is_set():
+            try:
+                message, fds, _, _ = socket.recv_fds(channel, _MESSAGE, 1)
+            except OSError:
+                break
+            if not message:
+                for fd in fds:
+                    os.close(fd)
+                break
+            meta = json.loads(message)
+            if not fds:
+                closed(meta["id"])
+                continue
+            sock = socket.socket(fileno=fds[0])
+            receiver.handle(sock, tuple(meta["address"]), tls=bool(meta["tls"]),
+                            on_close=lambda conn_id=meta["id"]: closed(conn_id),
+                            local_address=tuple(meta["local"]))
+        # Drain: let the associations in progress finish (each is bounded by the read and idle timeouts).
+        deadline = time.monotonic() + settings.dicom_idle_timeout
+        while receiver.active and time.monotonic() < deadline and not stop.is_set():
+            time.sleep(0.1)
+    finally:
+        receiver.shutdown(timeout=5)
+        ingest.close()
+        refusals.close()
+        database.dispose()
+        log.info("receiving process %d stopped", index)
+
+
+def start_node(settings: Settings, database: Database, processes: int,
+               initializer: Callable[[], None] | None = None) -> DicomEdge:
+    """The DICOM edge of `cxr-triage node`: listeners and admission here, associations in
+    `processes` receiving processes (in this process when 1). The caller owns `shutdown()`."""
+    from .scp import start_scp  # the one-process edge
+
+    settings.ensure_dirs()
+    clear_spool(settings)
+    if processes <= 1:
+        return start_scp(settings, IngestService(settings, database))
+    refusals = RefusalLog(database)
+    pool = ReceiverPool(settings, processes, initializer).start()
+    tls_context = None
+    if settings.dicom_tls_port is not None:
+        from .tls import server_context
+
+        tls_context = server_context(settings)  # only for refusing over-limit TLS peers properly
+    listener = Listener(endpoints(settings), admission(settings), refusals, pool.dispatch,
+                        tls_context=tls_context, read_timeout=settings.dicom_read_timeout).start()
+    for host, port, tls in listener.addresses:
+        log.info("DICOM SCP %s listening on %s:%s%s with %d receiving processes", settings.ae_title, host, port,
+                 " (TLS)" if tls else "", processes)
+    return DicomEdge(listener, refusals, [pool.shutdown])
