@@ -156,14 +156,14 @@ def handle_get(event: events.Event, catalogue: Catalogue) -> Iterator:
         yield PENDING, _sendable(stored, accepted)
 
 
-def handle_move(event: events.Event, catalogue: Catalogue, destinations: dict[str, Destination],
+def handle_move(event: events.Event, catalogue: Catalogue, destinations: Callable[[], dict[str, Destination]],
                 tls_args: TLSArgs, max_pdu_size: int) -> Iterator:
-    """C-MOVE to a destination known by AE title (unknown: 0xA801)."""
+    """C-MOVE to a destination known by AE title (unknown: 0xA801); `destinations` is asked each time."""
     calling_ae_title = event.assoc.requestor.ae_title.strip()
     move_destination = event.move_destination
     name = (move_destination.decode("ascii", "replace") if isinstance(move_destination, bytes)
             else str(move_destination or "")).strip()
-    destination = destinations.get(name)
+    destination = destinations().get(name)
     if destination is None:
         log.warning("C-MOVE from %s to unknown destination %r: 0x%04X", calling_ae_title, name,
                     MOVE_DESTINATION_UNKNOWN)
@@ -192,7 +192,7 @@ def handle_move(event: events.Event, catalogue: Catalogue, destinations: dict[st
         if event.is_cancelled:
             yield 0xFE00, None
             return
-        yield PENDING, stored.path
+        yield PENDING, _sendable(stored, None)
 
 
 def _select(event: events.Event, catalogue: Catalogue, calling_ae_title: str,
@@ -215,27 +215,30 @@ def _select(event: events.Event, catalogue: Catalogue, calling_ae_title: str,
 
 
 def _file_syntax(stored: StoredObject) -> tuple[str, str]:
-    meta = read_file_meta_info(stored.path)
-    return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
-
-
-def _sendable(stored: StoredObject, accepted: set[tuple[str, str]]) -> Path | Dataset:
-    """The file itself (streamed as stored) when the peer took its syntax, else a data set
-    pynetdicom can convert: decompressed when the peer took no compressed syntax for it."""
     try:
-        sop_class, syntax = _file_syntax(stored)
+        meta = read_file_meta_info(stored.path)
+        return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
+    except Exception:  # unreadable: its sub-operation will fail and be counted
+        return stored.sop_class_uid, "1.2.840.10008.1.2.1"
+
+
+def _sendable(stored: StoredObject, accepted: set[tuple[str, str]] | None) -> Dataset | Path:
+    """The stored object as pynetdicom sends it (a Dataset: its C-GET and C-MOVE take nothing else),
+    read when its turn comes so that one object at a time is in memory. For C-GET (`accepted` known)
+    a compressed object goes decompressed when the peer took no context with its syntax."""
+    try:
+        ds = dcmread(stored.path)
     except Exception as exc:
         log.error("stored object %s cannot be read: %s", stored.sop_instance_uid, exc)
-        return stored.path  # the sub-operation fails and is counted as failed
-    if (sop_class, syntax) in accepted:
-        return stored.path
-    ds = dcmread(stored.path)
-    if UID(syntax).is_compressed:
+        return stored.path  # not a Dataset: pynetdicom counts a failed sub-operation and goes on
+    syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
+    if accepted is not None and syntax and UID(syntax).is_compressed \
+            and (str(ds.SOPClassUID), syntax) not in accepted:
         try:
             ds.decompress()
         except Exception as exc:
-            log.warning("object %s (%s) cannot be decompressed for a peer that took no %s: %s",
-                        stored.sop_instance_uid, sop_class, UID(syntax).name, exc)
+            log.warning("object %s cannot be decompressed for a peer that took no %s: %s",
+                        stored.sop_instance_uid, UID(syntax).name, exc)
     return ds
 
 

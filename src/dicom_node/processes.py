@@ -207,9 +207,10 @@ def receiver_main(settings: Settings, channel: socket.socket, index: int,
             receiver.handle(sock, tuple(meta["address"]), tls=bool(meta["tls"]),
                             on_close=lambda conn_id=meta["id"]: closed(conn_id),
                             local_address=tuple(meta["local"]))
-        # Drain: let the associations in progress finish (each is bounded by the read and idle timeouts).
+        # Drain: let established associations finish (each is bounded by the idle timeout); connections
+        # that never negotiated one are cut by the shutdown below.
         deadline = time.monotonic() + settings.dicom_idle_timeout
-        while receiver.active and time.monotonic() < deadline and not stop.is_set():
+        while receiver.established and time.monotonic() < deadline and not stop.is_set():
             time.sleep(0.1)
     finally:
         receiver.shutdown(timeout=5)

@@ -27,7 +27,7 @@ from pydicom import dcmread
 from pydicom.dataelem import DataElement
 from pydicom.dataset import Dataset
 from pydicom.multival import MultiValue
-from sqlalchemy import func, select
+from sqlalchemy import select
 
 from triage_core.db import Database
 from triage_core.models import Instance, ResultObject, Study
@@ -197,8 +197,10 @@ class Catalogue:
                     pattern = wanted[0]
                     if case_insensitive:
                         # Stored names are decoded text; the final match (PN rules) is done in Python.
+                        # SQLite folds only ASCII case: a non-ASCII pattern is left to Python alone.
                         core = pattern.split("=")[0].rstrip("^ ")
-                        study_filters.append(func.upper(column).like(_like(core.upper()) + "%", escape="\\"))
+                        if core.isascii():
+                            study_filters.append(column.ilike(_like(core) + "%", escape="\\"))
                     elif "*" in pattern or "?" in pattern:
                         study_filters.append(column.like(_like(pattern), escape="\\"))
                     else:

@@ -78,7 +78,6 @@ def configure_pynetdicom() -> None:
     - C-STORE data sets are streamed to a spool file as they arrive (never whole
       in memory), in the spool directory of the receiving edge (same file system
       as the instances: the file is renamed into place, not copied);
-    - C-GET/C-MOVE sub-operations send stored files in chunks without decoding them;
     - identifiers (patient names) are never logged, and pynetdicom's own per-PDU
       and per-message log handlers are not bound (they format every PDU, even
       when nothing is logged: a third of the time a C-STORE took).
@@ -86,7 +85,6 @@ def configure_pynetdicom() -> None:
     with _configured:
         _config.LOG_HANDLER_LEVEL = "none"
         _config.STORE_RECV_CHUNKED_DATASET = True
-        _config.STORE_SEND_CHUNKED_DATASET = True
         _config.LOG_REQUEST_IDENTIFIERS = False
         if getattr(dimse_messages.NamedTemporaryFile, "__name__", "") != "_spool_file":
             dimse_messages.NamedTemporaryFile = _spool_file
@@ -136,7 +134,7 @@ def event_handlers(settings: Settings, ingest: IngestService, database: Database
         (evt.EVT_C_STORE, handle_store, [ingest]),
         (evt.EVT_C_FIND, handle_find, [catalogue]),
         (evt.EVT_C_GET, handle_get, [catalogue]),
-        (evt.EVT_C_MOVE, handle_move, [catalogue, settings.known_move_destinations, tls_args,
+        (evt.EVT_C_MOVE, handle_move, [catalogue, lambda: settings.known_move_destinations, tls_args,
                                        settings.max_pdu_size]),
         (evt.EVT_REJECTED, handle_rejected, [refusals, settings.ae_title, list(settings.allowed_calling_aets)]),
     ]

@@ -123,6 +123,12 @@ class Receiver:
         with self._lock:
             return len(self._active)
 
+    @property
+    def established(self) -> int:
+        """Associations past negotiation (what a graceful stop waits for; the others are cut)."""
+        with self._lock:
+            return sum(1 for assoc in self._active if assoc.is_established)
+
     def handle(self, sock: socket.socket, client_address: Any, *, tls: bool, on_close: OnClose,
                local_address: Any = None) -> None:
         """Start the association of an accepted connection; `on_close` runs once when it ends."""

@@ -534,3 +534,58 @@ def test_destination_syntax_round_trips_and_stays_backwards_compatible():
     for bad in ("PACS@h:104?ca=/x", "PACS@h:104?tls&verify=no", "PACS@h:104?tls=0"):
         with pytest.raises(ValueError):
             Destination.parse(bad)
+
+
+# --- `cxr-triage node`: receiving processes behind one admission ---------------------------------------
+
+
+def test_node_spreads_associations_over_receiving_processes_with_exact_limits(tmp_path, peers):
+    import os
+    import signal
+    import sqlite3
+    import sys
+
+    need(shutil.which("storescu") is not None, "dcmtk is not installed")
+    port = free_port()
+    env = {**os.environ, "CXR_TRIAGE_DATA_DIR": str(tmp_path / "var"), "CXR_TRIAGE_DICOM_PORT": str(port),
+           "CXR_TRIAGE_DICOM_HOST": "127.0.0.1", "CXR_TRIAGE_AE_TITLE": "NODE_PROC",
+           "CXR_TRIAGE_DICOM_RECEIVERS": "2", "CXR_TRIAGE_MAX_ASSOCIATIONS_PER_SOURCE": "2",
+           "CXR_TRIAGE_DICOM_READ_TIMEOUT": "30", "CXR_TRIAGE_SERIES_QUIET_SECONDS": "3600"}
+    cli = [sys.executable, "-m", "cxr_triage.cli"]
+    subprocess.run(cli + ["db", "upgrade"], env=env, check=True, capture_output=True, timeout=120)
+    node = subprocess.Popen(cli + ["node"], env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        wait_until(lambda: subprocess.run(["echoscu", "-aec", "NODE_PROC", "127.0.0.1", str(port)],
+                                          capture_output=True).returncode == 0, timeout=90, what="the node")
+        children = subprocess.run(["pgrep", "-P", str(node.pid)], capture_output=True, text=True).stdout.split()
+        assert len(children) >= 2  # the receiving processes (spawn may add its resource tracker)
+        # Two hostile connections are admitted, one in each process; the third is refused: the limit per
+        # source holds across processes because admission happens before the hand-over.
+        held = peers.connect(port, 2)
+        time.sleep(0.5)
+        (third,) = peers.connect(port, 1)
+        assert _closed_by_node(third, 10)
+        assert not any(_closed_by_node(sock, 0.5) for sock in held)
+        files = []
+        for index in range(8):
+            ds = _new_uids(pydicom.dcmread(CHEST))
+            ds.save_as(tmp_path / f"{index}.dcm", enforce_file_format=True)
+            files.append(tmp_path / f"{index}.dcm")
+        # Two senders at once from 127.0.0.1 (its own limit is 2 as well), four instances each.
+        senders = [subprocess.Popen(["storescu", "-aec", "NODE_PROC", "127.0.0.1", str(port), *map(str, share)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+                   for share in (files[0::2], files[1::2])]
+        assert [s.wait(60) for s in senders] == [0, 0]
+        with sqlite3.connect(tmp_path / "var" / "triage.sqlite") as connection:
+            assert connection.execute("SELECT count(*) FROM instances").fetchone()[0] == 8
+            kinds = [row[0] for row in connection.execute(
+                "SELECT detail FROM audit_events WHERE action = 'ASSOCIATION_REJECTED'")]
+        assert any("too-many-from-source" in k for k in kinds)
+    finally:
+        node.send_signal(signal.SIGTERM)
+        try:
+            node.wait(60)
+        except subprocess.TimeoutExpired:
+            node.kill()
+            node.wait()
+    assert node.returncode == 0, node.stderr.read()[-3000:]
