@@ -19,7 +19,7 @@ The bench then checks that every receiver holds every instance.
 Prints a table with instances/s and the ratios node/Orthanc and node/storescp;
 --json writes the same numbers.
 
-    python bench/scp_bench.py [--small 200] [--large 32] [--senders 1,4] [--json out.json]
+    python bench/scp_bench.py [--small 200] [--large 32] [--senders 1,4] [--rounds 3] [--json out.json]
 """
 
 from __future__ import annotations
@@ -30,6 +30,7 @@ import os
 import shutil
 import socket
 import sqlite3
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -224,24 +225,36 @@ class Case:
 
 
 def run_case(case: Case, work: Path, args: argparse.Namespace) -> dict:
+    """Every receiver `args.rounds` times, interleaved (noise on a shared machine hits all of them);
+    the median of each receiver's rounds is its figure."""
     dirs = split(case.files, case.senders, work / "split")
     megabytes = sum(p.stat().st_size for p in case.files) / 1e6
     n = len(case.files)
-    row: dict = {"case": case.label, "instances": n, "senders": case.senders, "megabytes": round(megabytes, 1)}
-    for receiver in (StoreSCP(work / "a"), Orthanc(work / "b"), Node(work / "c", args.database_url, args.receivers)):
-        receiver.work.mkdir()
-        receiver.start()
-        try:
-            seconds = send(receiver.port, receiver.aet, dirs)
-            time.sleep(0.2)
-            stored = receiver.stored()
-        finally:
-            receiver.stop()
-        if stored not in (-1, n):
-            raise SystemExit(f"{receiver.name} holds {stored} of {n} instances after {case.label}")
-        row[receiver.name] = {"seconds": round(seconds, 3), "instances_per_s": round(n / seconds, 1),
-                              "megabytes_per_s": round(megabytes / seconds, 1)}
-        shutil.rmtree(receiver.work, ignore_errors=True)
+    row: dict = {"case": case.label, "instances": n, "senders": case.senders, "megabytes": round(megabytes, 1),
+                 "rounds": args.rounds}
+    makers = {"storescp": lambda w: StoreSCP(w), "Orthanc": lambda w: Orthanc(w),
+              "cxr-triage node": lambda w: Node(w, args.database_url, args.receivers)}
+    seconds: dict[str, list[float]] = {name: [] for name in makers}
+    for round_index in range(args.rounds):
+        for name, make in makers.items():
+            receiver = make(work / f"{name.split()[0]}-{round_index}")
+            receiver.work.mkdir()
+            receiver.start()
+            try:
+                elapsed = send(receiver.port, receiver.aet, dirs)
+                time.sleep(0.2)
+                stored = receiver.stored()
+            finally:
+                receiver.stop()
+            if stored not in (-1, n):
+                raise SystemExit(f"{receiver.name} holds {stored} of {n} instances after {case.label}")
+            seconds[name].append(elapsed)
+            shutil.rmtree(receiver.work, ignore_errors=True)
+    for name, values in seconds.items():
+        median = statistics.median(values)
+        row[name] = {"seconds": round(median, 3), "instances_per_s": round(n / median, 1),
+                     "megabytes_per_s": round(megabytes / median, 1),
+                     "instances_per_s_each_round": [round(n / v, 1) for v in values]}
     node, orthanc, storescp = row["cxr-triage node"], row["Orthanc"], row["storescp"]
     row["node_vs_orthanc"] = round(node["instances_per_s"] / orthanc["instances_per_s"], 2)
     row["node_vs_storescp"] = round(node["instances_per_s"] / storescp["instances_per_s"], 2)
@@ -257,6 +270,7 @@ def main() -> int:
     parser.add_argument("--file", type=Path, default=DEFAULT_FILE, help="the instance to copy")
     parser.add_argument("--database-url", help="our node's database (default: SQLite in a temp dir)")
     parser.add_argument("--receivers", type=int, help="our node's receiving processes (default: its own)")
+    parser.add_argument("--rounds", type=int, default=3, help="runs of each receiver per case (median; default 3)")
     parser.add_argument("--json", type=Path, help="also write the results here")
     args = parser.parse_args()
     for tool in ("storescu", "storescp", "echoscu", "Orthanc"):
@@ -278,7 +292,7 @@ def main() -> int:
                 case_dir.mkdir()
                 rows.append(run_case(Case(label, files, count), case_dir, args))
                 print(f"done: {label}", file=sys.stderr)
-    print(f"C-STORE reception, instances/s (MB/s); cxr-triage node on "
+    print(f"C-STORE reception, instances/s (MB/s), median of {args.rounds} interleaved round(s); cxr-triage node on "
           f"{'SQLite (embedded default)' if not args.database_url else 'the given database'}, "
           f"{args.receivers or 'default'} receiving process(es)")
     header = f"{'case':34} {'storescp':>16} {'Orthanc':>16} {'node':>16} {'node/Orthanc':>13} {'node/storescp':>14}"

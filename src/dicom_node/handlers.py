@@ -21,6 +21,7 @@ from triage_core.models import Study
 from triage_core.settings import Destination
 from triage_core.states import AuditAction
 
+from .fastpath import SpoolFile
 from .ingest import IngestService
 from .policy import RefusalLog, source_address
 from .query import Catalogue, QueryError, StoredObject, level_of
@@ -62,8 +63,10 @@ def handle_store(event: events.Event, ingest: IngestService) -> int | Dataset:
         except AttributeError:
             path = None
         if path is not None:
+            spool = getattr(request, "_dataset_file", None)
+            digest = spool.finish() if isinstance(spool, SpoolFile) else None
             outcome = ingest.store_file(Path(path), calling_ae_title=calling_ae_title,
-                                        transfer_syntax_uid=transfer_syntax_uid, **affected)
+                                        transfer_syntax_uid=transfer_syntax_uid, digest=digest, **affected)
         else:
             try:
                 encoded = event.encoded_dataset(include_meta=True)

@@ -31,7 +31,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Callable, Generic, TypeVar
+from typing import Callable, Generic, Protocol, TypeVar
 
 from pydicom.dataset import Dataset
 from sqlalchemy import select
@@ -74,7 +74,7 @@ class StoreOutcome:
 
 @dataclass
 class Received:
-    """One checked, fsynced spool file waiting for its commit."""
+    """One checked spool file waiting for its commit (crosses process boundaries as `as_message`)."""
 
     spool_path: Path
     study_instance_uid: str
@@ -90,6 +90,14 @@ class Received:
     modality: str = ""
     #: Set once the file has been renamed into place (a retried batch does not rename again).
     final_path: Path | None = None
+
+    def as_message(self) -> dict:
+        return {name: (str(value) if isinstance(value, Path) else value)
+                for name, value in self.__dict__.items() if name != "final_path"}
+
+    @classmethod
+    def from_message(cls, message: dict) -> "Received":
+        return cls(**dict(message, spool_path=Path(message["spool_path"])))
 
 
 def _text(ds: Dataset, keyword: str, limit: int = 64) -> str:
@@ -121,6 +129,12 @@ T = TypeVar("T")
 R = TypeVar("R")
 
 
+class Committer(Protocol):
+    def submit(self, item: Received) -> StoreOutcome: ...
+
+    def close(self) -> None: ...
+
+
 class GroupCommitter(Generic[T, R]):
     """One thread that commits what concurrent callers submit, in batches.
 
@@ -143,10 +157,14 @@ class GroupCommitter(Generic[T, R]):
         self.items = 0
 
     def submit(self, item: T) -> R:
+        return self.submit_async(item).result()
+
+    def submit_async(self, item: T) -> Future:
+        """`submit` without waiting: the Future holds the item's result once its batch is committed."""
         future: Future = Future()
         self._ensure_thread()
         self._queue.put((item, future))
-        return future.result()
+        return future
 
     def _ensure_thread(self) -> None:
         with self._lock:
@@ -192,10 +210,13 @@ class GroupCommitter(Generic[T, R]):
 class IngestService:
     """Stores instances under the data directory and records them in the worklist."""
 
-    def __init__(self, settings: Settings, database: Database, *, batch_limit: int = BATCH_LIMIT) -> None:
+    def __init__(self, settings: Settings, database: Database, *, batch_limit: int = BATCH_LIMIT,
+                 committer: "Committer | None" = None) -> None:
         self.settings = settings
         self.database = database
-        self.committer: GroupCommitter[Received, StoreOutcome] = GroupCommitter(
+        #: Who commits checked instances: this process's group committer, or (in a receiving process)
+        #: the listening process's, so that all receiving processes share one (processes.RemoteCommitter).
+        self.committer: Committer = committer or GroupCommitter(
             self._commit_batch, self._commit_failed, limit=batch_limit)
         # One thread runs a batch's syncs beside the committer; it fans the files out to the others.
         self._fsyncs = ThreadPoolExecutor(max_workers=1, thread_name_prefix="sync")
@@ -224,20 +245,22 @@ class IngestService:
     def store_file(
         self, path: Path, *, calling_ae_title: str, transfer_syntax_uid: str,
         affected_sop_instance_uid: str = "", affected_sop_class_uid: str = "",
+        digest: tuple[str, int] | None = None,
     ) -> StoreOutcome:
         """Store the Part 10 file at `path` (in the spool directory, same file system as the
-        instances): it is renamed into place on success and deleted otherwise."""
+        instances): it is renamed into place on success and deleted otherwise. `digest` is the
+        file's (SHA-256, size) when the caller hashed it while writing it."""
         received: Received | None = None
         try:
             outcome_or_item = self._check(path, calling_ae_title, transfer_syntax_uid,
-                                          affected_sop_instance_uid, affected_sop_class_uid)
+                                          affected_sop_instance_uid, affected_sop_class_uid, digest)
             if isinstance(outcome_or_item, StoreOutcome):
                 return outcome_or_item
             received = outcome_or_item
             outcome = self.committer.submit(received)
         finally:
-            if received is None or received.final_path is None:
-                path.unlink(missing_ok=True)
+            # Whoever committed renamed the file into place when it was stored; otherwise it goes.
+            path.unlink(missing_ok=True)
         if outcome.status == SUCCESS and not outcome.duplicate:
             log.info("stored SOP %s (study %s, id %s) from %s", received.sop_instance_uid,
                      received.study_instance_uid, outcome.study_id, calling_ae_title)
@@ -252,7 +275,7 @@ class IngestService:
 
     def _check(
         self, path: Path, calling_ae_title: str, transfer_syntax_uid: str, affected_sop_instance_uid: str,
-        affected_sop_class_uid: str,
+        affected_sop_class_uid: str, digest: tuple[str, int] | None = None,
     ) -> StoreOutcome | Received:
         try:
             header = read_header(path)
@@ -306,12 +329,12 @@ class IngestService:
             return self._refuse(CANNOT_UNDERSTAND, f"study attributes cannot be read: {exc}",
                                 calling_ae_title, sop_uid, study_uid)
         try:
-            digest, size = _sha256_file(path)
+            sha256, size = digest if digest is not None else _sha256_file(path)
         except OSError as exc:
             log.error("C-STORE of SOP %s could not be spooled: %s", sop_uid, exc)
             return StoreOutcome(OUT_OF_RESOURCES, reason=f"storage error: {exc.strerror or exc}")
         return Received(path, study_uid, series_uid, sop_uid, sop_class, transfer_syntax_uid, calling_ae_title,
-                        size, digest, attributes, modality)
+                        size, sha256, attributes, modality)
 
     # --- in the committer's thread: rename, fsync directories, one transaction ------------------------
 

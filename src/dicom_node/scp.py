@@ -27,6 +27,7 @@ from pydicom.uid import (
     JPEGLSNearLossless,
     RLELossless,
 )
+from pydicom.filewriter import write_file_meta_info as _pydicom_write_file_meta_info
 from pynetdicom import AE, AllStoragePresentationContexts, _config, dimse_messages, evt
 from pynetdicom.sop_class import (
     StudyRootQueryRetrieveInformationModelFind,
@@ -38,6 +39,7 @@ from pynetdicom.sop_class import (
 from triage_core.db import Database
 from triage_core.settings import Destination, Settings
 
+from . import fastpath
 from .handlers import handle_echo, handle_find, handle_get, handle_move, handle_rejected, handle_store
 from .ingest import IngestService
 from .policy import Admission, RefusalLog
@@ -77,7 +79,8 @@ def configure_pynetdicom() -> None:
 
     - C-STORE data sets are streamed to a spool file as they arrive (never whole
       in memory), in the spool directory of the receiving edge (same file system
-      as the instances: the file is renamed into place, not copied);
+      as the instances: the file is renamed into place, not copied), hashed as
+      they are written, with File Meta Information encoded by `fastpath`;
     - identifiers (patient names) are never logged, and pynetdicom's own per-PDU
       and per-message log handlers are not bound (they format every PDU, even
       when nothing is logged: a third of the time a C-STORE took).
@@ -88,15 +91,24 @@ def configure_pynetdicom() -> None:
         _config.LOG_REQUEST_IDENTIFIERS = False
         if getattr(dimse_messages.NamedTemporaryFile, "__name__", "") != "_spool_file":
             dimse_messages.NamedTemporaryFile = _spool_file
+            dimse_messages.create_file_meta = fastpath.create_file_meta
+            dimse_messages.write_file_meta_info = _write_file_meta_info
 
 
 def _spool_file(*args: Any, **kwargs: Any):
-    """`NamedTemporaryFile` in the spool directory of the association whose DUL thread is writing."""
+    """Where pynetdicom streams a C-STORE data set: a `fastpath.SpoolFile` in the spool directory of
+    the edge association whose DUL thread is writing; pynetdicom's own temporary file otherwise."""
     spool = getattr(threading.current_thread(), "spool_dir", None)
     if spool is not None:
-        kwargs.setdefault("dir", spool)
-        kwargs.setdefault("prefix", "rx-")
+        return fastpath.SpoolFile(spool)
     return tempfile.NamedTemporaryFile(*args, **kwargs)
+
+
+def _write_file_meta_info(fp: Any, file_meta: Any, enforce_standard: bool = True) -> None:
+    if isinstance(file_meta, fastpath.FileMeta):
+        fp.write(fastpath.encode_file_meta(file_meta))
+    else:
+        _pydicom_write_file_meta_info(fp, file_meta, enforce_standard)
 
 
 def build_ae(settings: Settings) -> AE:

@@ -199,13 +199,27 @@ class Receiver:
             _close(sock)
             on_close()
 
+    def drain(self, timeout: float) -> None:
+        """Wait (at most `timeout` s) for established associations to end by themselves."""
+        deadline = time.monotonic() + timeout
+        while self.established and time.monotonic() < deadline:
+            time.sleep(0.1)
+
     def shutdown(self, timeout: float = 10.0) -> None:
         """Abort what is still running and wait for it to end."""
         with self._lock:
             running = list(self._active)
         for assoc in running:
             try:
-                assoc.abort()
+                if assoc.is_established:
+                    assoc.abort()
+                else:
+                    # Still waiting for an A-ASSOCIATE-RQ: close the connection and wake the reactor,
+                    # which would otherwise wait out the read timeout.
+                    bounded = assoc.dul.socket
+                    if bounded is not None and bounded.socket is not None:
+                        _close(bounded.socket)
+                    assoc.dul.to_user_queue.put(None)
             except Exception:
                 pass
         deadline = time.monotonic() + timeout

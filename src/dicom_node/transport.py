@@ -43,9 +43,14 @@ from typing import Any, Callable
 
 from pynetdicom import evt
 from pynetdicom.association import Association
+from pynetdicom.dimse import DIMSEServiceProvider
+from pynetdicom.dimse_primitives import C_STORE
 from pynetdicom.dul import DULServiceProvider
 from pynetdicom.pdu import A_ABORT_RQ
+from pynetdicom.pdu_primitives import P_DATA
 from pynetdicom.transport import AssociationSocket
+
+from .fastpath import encode_c_store_rsp
 
 from triage_core.settings import Settings
 
@@ -336,6 +341,25 @@ class EdgeDUL(DULServiceProvider):
             self._wake_r = self._wake_w = -1
 
 
+class EdgeDIMSE(DIMSEServiceProvider):
+    """pynetdicom's DIMSE provider, with plain C-STORE-RSPs encoded by `fastpath` (same bytes, a
+    fraction of the time); every other message goes through pynetdicom."""
+
+    def send_msg(self, primitive: Any, context_id: int) -> None:
+        if (isinstance(primitive, C_STORE) and primitive.MessageIDBeingRespondedTo is not None
+                and primitive.ErrorComment is None and primitive.OffendingElement is None
+                and primitive.Status is not None and primitive.AffectedSOPClassUID
+                and primitive.AffectedSOPInstanceUID):
+            command = encode_c_store_rsp(
+                message_id=int(primitive.MessageIDBeingRespondedTo), sop_class_uid=primitive.AffectedSOPClassUID,
+                sop_instance_uid=primitive.AffectedSOPInstanceUID, status=int(primitive.Status))
+            pdata = P_DATA()
+            pdata.presentation_data_value_list.append((context_id, b"\x03" + command))
+            self.dul.send_pdu(pdata)
+            return
+        super().send_msg(primitive, context_id)
+
+
 class _WakingQueue(queue.Queue):
     """The DUL's to-user queue: every primitive for the service user wakes the association reactor."""
 
@@ -362,6 +386,7 @@ class EdgeAssociation(Association):
     def __init__(self, ae: Any, mode: str, *, prepare: Callable[["EdgeAssociation"], bool],
                  finished: Callable[["EdgeAssociation"], None]) -> None:
         super().__init__(ae, mode)
+        self.dimse = EdgeDIMSE(self)
         self.dul = EdgeDUL(self)
         self.dul.to_user_queue = _WakingQueue(lambda: self.dimse.msg_queue.put(_WAKE))
         # pynetdicom's timeout setters configure the DUL's timers: apply them to the new DUL.

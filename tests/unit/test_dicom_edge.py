@@ -589,3 +589,44 @@ def test_node_spreads_associations_over_receiving_processes_with_exact_limits(tm
             node.kill()
             node.wait()
     assert node.returncode == 0, node.stderr.read()[-3000:]
+
+
+# --- fastpath: the same bytes as pydicom and pynetdicom ------------------------------------------------
+
+
+def test_fast_encoders_write_what_pydicom_and_pynetdicom_write(tmp_path):
+    from pydicom.filebase import DicomBytesIO
+    from pydicom.filewriter import write_file_meta_info
+    from pynetdicom.dimse_messages import C_STORE_RSP
+    from pynetdicom.dimse_primitives import C_STORE
+    from pynetdicom.dsutils import create_file_meta
+
+    from dicom_node import fastpath
+
+    for sop_class, sop_instance, syntax in (("1.2.840.10008.5.1.4.1.1.1", "1.2.3.4", "1.2.840.10008.1.2.1"),
+                                            ("1.2.840.10008.5.1.4.1.1.88.34", "2.25.1234567890123", "1.2.840.10008.1.2")):
+        reference = DicomBytesIO()
+        write_file_meta_info(reference, create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance,
+                                                         transfer_syntax=syntax))
+        meta = fastpath.create_file_meta(sop_class_uid=sop_class, sop_instance_uid=sop_instance,
+                                         transfer_syntax=syntax)
+        assert fastpath.encode_file_meta(meta) == reference.getvalue()
+        primitive = C_STORE()
+        primitive.MessageIDBeingRespondedTo = 7
+        primitive.AffectedSOPClassUID = sop_class
+        primitive.AffectedSOPInstanceUID = sop_instance
+        primitive.Status = 0x0000
+        message = C_STORE_RSP()
+        message.primitive_to_message(primitive)
+        (pdata,) = list(message.encode_msg(1, 16384))
+        (_, value), = pdata.presentation_data_value_list
+        assert b"\x03" + fastpath.encode_c_store_rsp(message_id=7, sop_class_uid=sop_class,
+                                                     sop_instance_uid=sop_instance, status=0) == value
+    spool = fastpath.SpoolFile(tmp_path)
+    spool.write(b"abc")
+    spool.file.flush()
+    spool.write(b"def")
+    digest, size = spool.finish()
+    spool.close()
+    assert (digest, size) == (__import__("hashlib").sha256(b"abcdef").hexdigest(), 6)
+    assert Path(spool.name).read_bytes() == b"abcdef" and Path(spool.name).parent == tmp_path
