@@ -34,7 +34,7 @@ from pathlib import Path
 from typing import Callable, Generic, Protocol, TypeVar
 
 from pydicom.dataset import Dataset
-from sqlalchemy import select
+from sqlalchemy import insert, select
 from sqlalchemy.exc import IntegrityError, OperationalError
 
 from dicom_io.pixels import pixel_data_problem_in_file, read_header
@@ -394,8 +394,11 @@ class IngestService:
             # Data and names to disk while the rows are written; the commit waits for both.
             synced = self._fsyncs.submit(self._sync, [item.final_path for item in placed], new_directories)
             try:
+                new_rows: list[dict] = []
                 for item, decision in zip(items, decisions):
-                    outcomes.append(self._record(session, studies, stored, item, decision, now, refused))
+                    outcomes.append(self._record(session, studies, stored, item, decision, now, refused, new_rows))
+                if new_rows:
+                    session.execute(insert(Instance), new_rows)
                 session.flush()
             finally:
                 synced.result()
@@ -418,7 +421,8 @@ class IngestService:
             _fsync_path(directory, directory=True)
 
     def _record(self, session, studies: dict[str, Study], stored: dict[str, tuple[Instance, str]],
-                item: Received, decision: str, now: datetime, refused: list[Received]) -> StoreOutcome:
+                item: Received, decision: str, now: datetime, refused: list[Received],
+                new_rows: list[dict]) -> StoreOutcome:
         existing = stored.get(item.sop_instance_uid)
         if decision == "other-study":
             # Never re-bind an instance to another study (another patient, perhaps):
@@ -438,22 +442,24 @@ class IngestService:
                      item.sop_instance_uid, item.study_instance_uid, item.calling_ae_title)
             return StoreOutcome(SUCCESS, study_id=study.id if study else None, duplicate=True)
         study = self._study_for(session, studies, item, now)
+        values = dict(
+            series_instance_uid=item.series_instance_uid, sop_class_uid=item.sop_class_uid,
+            transfer_syntax_uid=item.transfer_syntax_uid, modality=item.modality,
+            path=instance_relpath(item.study_instance_uid, item.sop_instance_uid), size_bytes=item.size,
+            sha256=item.sha256, calling_ae_title=item.calling_ae_title[:16], received_at=now, eligible=None,
+            eligibility_reason="",
+        )
         instance = existing[0] if existing is not None else None
         if instance is None:
-            instance = Instance(sop_instance_uid=item.sop_instance_uid, study_id=study.id)
-            session.add(instance)
-            stored[item.sop_instance_uid] = (instance, item.study_instance_uid)
-        instance.series_instance_uid = item.series_instance_uid
-        instance.sop_class_uid = item.sop_class_uid
-        instance.transfer_syntax_uid = item.transfer_syntax_uid
-        instance.modality = item.modality
-        instance.path = instance_relpath(item.study_instance_uid, item.sop_instance_uid)
-        instance.size_bytes = item.size
-        instance.sha256 = item.sha256
-        instance.calling_ae_title = item.calling_ae_title[:16]
-        instance.received_at = now
-        instance.eligible = None
-        instance.eligibility_reason = ""
+            # New rows go in one INSERT for the batch (`_commit`), not through the ORM unit of work.
+            row = dict(values, sop_instance_uid=item.sop_instance_uid, study_id=study.id)
+            new_rows.append(row)
+            stored[item.sop_instance_uid] = (row, item.study_instance_uid)  # type: ignore[assignment]
+        elif isinstance(instance, dict):  # new in this very batch, and changed again
+            instance.update(values)
+        else:
+            for name, value in values.items():
+                setattr(instance, name, value)
         audit.record(session, actor=ACTOR, action=AuditAction.INSTANCE_RECEIVED, study=study,
                      sop_instance_uid=item.sop_instance_uid, series_instance_uid=item.series_instance_uid,
                      calling_ae_title=item.calling_ae_title, size_bytes=item.size)
