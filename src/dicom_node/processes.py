@@ -47,6 +47,9 @@ log = logging.getLogger(__name__)
 #: Receiving processes when CXR_TRIAGE_DICOM_RECEIVERS is unset: one per core, at most this many.
 MAX_AUTO_RECEIVERS = 4
 _MESSAGE = 256 * 1024
+#: How much busier the other receiving processes must be before the listening process (which also
+#: commits for all of them) takes one more connection itself.
+LOCAL_WEIGHT = 3
 
 
 def _send(channel: socket.socket, lock: threading.Lock, message: dict, fds: list[int] | None = None) -> None:
@@ -164,8 +167,10 @@ class ReceiverPool:
     def dispatch(self, sock: socket.socket, client_address: Any, *, tls: bool, on_close: OnClose) -> None:
         with self._lock:
             candidates = [c for c in self._children if c.alive]
-            if self.local is not None and (not candidates or self.local.active <= min(len(c.pending)
-                                                                                         for c in candidates)):
+            # The listening process also commits for everyone: a lone sender is received here (no
+            # hand-over), more go elsewhere until the others have LOCAL_WEIGHT times as many.
+            if self.local is not None and (not candidates or self.local.active * LOCAL_WEIGHT
+                                           <= min(len(c.pending) for c in candidates)):
                 child = None
             elif not candidates:
                 raise RuntimeError("no receiving process is running")

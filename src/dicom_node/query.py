@@ -110,7 +110,7 @@ def _uid_list(identifier: Dataset, keyword: str) -> list[str] | None:
     if keyword not in identifier:
         return None
     uids = _values(identifier[keyword])
-    if not uids:
+    if not uids or uids == ["*"]:  # "*" is no UID: some SCUs send it for "any"
         return None
     bad = [uid for uid in uids if not is_valid_uid(uid)]
     if bad:

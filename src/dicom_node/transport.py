@@ -35,7 +35,6 @@ import select
 import socket
 import ssl
 import struct
-import threading
 import time
 from dataclasses import dataclass
 from pathlib import Path

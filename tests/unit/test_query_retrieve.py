@@ -10,10 +10,10 @@ superseded one.
 from __future__ import annotations
 
 import copy
+import json
 import shutil
 import subprocess
 import urllib.request
-import json
 from pathlib import Path
 
 import pydicom
@@ -34,8 +34,8 @@ from tests import dicom_fixtures as fx
 from tests.conftest import free_port, need, wait_until
 from tests.unit.test_pipeline import _model, _ready_job
 from triage_core.db import Database
-from triage_core.models import AuditEvent, Base, Instance, ResultObject
-from triage_core.settings import Settings
+from triage_core.models import AuditEvent, Base, ResultObject
+from triage_core.settings import Destination, Settings
 from worker.pipeline import Pipeline
 
 
@@ -197,7 +197,7 @@ def test_getscu_retrieves_results_as_stored(analysed, tmp_path):
 
 
 def test_c_get_of_the_whole_study_with_every_class_proposed(analysed):
-    settings, _, study_uid, current, _, sources = analysed
+    settings, database, study_uid, current, _, sources = analysed
     received: list[str] = []
 
     def on_store(event):
@@ -206,7 +206,7 @@ def test_c_get_of_the_whole_study_with_every_class_proposed(analysed):
 
     ae = AE(ae_title="GETALL")
     ae.add_requested_context(StudyRootQueryRetrieveInformationModelGet)
-    classes = sorted({str(s.SOPClassUID) for s in sources} | _result_classes(settings, current))
+    classes = sorted({str(s.SOPClassUID) for s in sources} | _result_classes(database, current))
     roles = []
     for sop_class in classes:
         ae.add_requested_context(sop_class, ["1.2.840.10008.1.2.1", "1.2.840.10008.1.2"])
@@ -222,8 +222,8 @@ def test_c_get_of_the_whole_study_with_every_class_proposed(analysed):
     assert set(received) == {str(s.SOPInstanceUID) for s in sources} | set(current)
 
 
-def _result_classes(settings: Settings, current: dict) -> set[str]:
-    with Database(settings.database_url).session() as session:
+def _result_classes(database: Database, current: dict) -> set[str]:
+    with database.session() as session:
         return {r.sop_class_uid for r in session.scalars(select(ResultObject)) if r.sop_instance_uid in current}
 
 
@@ -250,7 +250,7 @@ def test_superseded_objects_are_not_retrievable(analysed):
 def test_movescu_to_a_known_destination_and_a_refusal_for_an_unknown_one(analysed, tmp_path):
     settings, database, study_uid, current, _, _ = analysed
     port = free_port()
-    settings.move_destinations = [pydicom_destination(f"MOVESCU@127.0.0.1:{port}")]
+    settings.move_destinations = [Destination.parse(f"MOVESCU@127.0.0.1:{port}")]
     try:
         result = _dcmtk("movescu", "-S", "-aec", settings.ae_title, "-aem", "MOVESCU", "+P", str(port),
                         "-od", str(tmp_path), "-k", "QueryRetrieveLevel=SERIES",
@@ -275,7 +275,7 @@ def test_movescu_to_a_known_destination_and_a_refusal_for_an_unknown_one(analyse
 
 def test_orthanc_pulls_the_study_by_c_move(analysed, orthanc):
     settings, database, study_uid, current, superseded, sources = analysed
-    settings.move_destinations = [pydicom_destination(f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}")]
+    settings.move_destinations = [Destination.parse(f"{orthanc.ae_title}@127.0.0.1:{orthanc.dicom_port}")]
     try:
         _orthanc_put(orthanc, "/modalities/cxr", {"AET": settings.ae_title, "Host": "127.0.0.1",
                                                   "Port": settings.dicom_port})
@@ -293,12 +293,6 @@ def test_orthanc_pulls_the_study_by_c_move(analysed, orthanc):
 
 
 # --- helpers --------------------------------------------------------------------------------------------
-
-
-def pydicom_destination(text: str):
-    from triage_core.settings import Destination
-
-    return Destination.parse(text)
 
 
 def _audit(database: Database, action: str) -> list[dict]:
