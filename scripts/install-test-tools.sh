@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Debian packages the test suite runs against: Orthanc (+ DICOMweb plugin) as the PACS, dcmtk's
-# storescu/findscu/getscu/dsrdump as DICOM peers, dicom3tools' dciodvfy, PostgreSQL and Redis.
+# storescu/findscu/getscu/movescu/dsrdump as DICOM peers, dicom3tools' dciodvfy, openssl, PostgreSQL and Redis.
 # Installs only what is missing, and only as root (apt); otherwise it says what is missing and
 # leaves it to `make test`, which then fails on the first test that needs it.
 # Used by both `make test` and `.ci/run`, so that the README's test command alone works on a new machine.
@@ -11,6 +11,7 @@ command -v Orthanc >/dev/null || need+=(orthanc)
 [ -e /usr/share/orthanc/plugins/libOrthancDicomWeb.so ] || need+=(orthanc-dicomweb)
 command -v storescu >/dev/null || need+=(dcmtk)
 command -v dciodvfy >/dev/null || need+=(dicom3tools)
+command -v openssl >/dev/null || need+=(openssl)  # certificates for the DICOM TLS tests
 command -v pg_ctlcluster >/dev/null || command -v pg_isready >/dev/null || need+=(postgresql)
 command -v redis-server >/dev/null || need+=(redis-server)
 

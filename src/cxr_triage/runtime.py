@@ -243,18 +243,27 @@ def _wait_for_signal() -> None:
         stop.wait(1.0)
 
 
+def _receiving_process(settings: Settings) -> None:
+    """In each receiving process of the node: its logging, and it dies with the node (even a kill -9 of it)."""
+    configure_logging(settings, "node")
+    die_with_parent(signal.SIGTERM)
+
+
 def run_node(settings: Settings) -> None:
-    from dicom_node.ingest import IngestService
+    """The DICOM edge (listeners and admission here, associations in receiving processes) and the
+    scheduler: quiet-period readiness and the sweeper."""
+    from functools import partial
+
+    from dicom_node.processes import receiver_processes, start_node
     from dicom_node.readiness import Scheduler
-    from dicom_node.scp import start_scp
     from triage_core.work import WorkPolicy
     from worker.celery_app import Publisher, make_celery
 
     settings.ensure_dirs()
     database = Database(settings.database_url, audit_sink=audit_sink(settings))
     publisher = Publisher(make_celery(settings))
-    ingest = IngestService(settings, database)
-    server = start_scp(settings, ingest)
+    edge = start_node(settings, database, receiver_processes(settings),
+                      initializer=partial(_receiving_process, settings))
     scheduler = Scheduler(database, settings.series_quiet_seconds, publisher.job, publisher.export,
                           WorkPolicy.from_settings(settings), settings.sweep_interval_seconds)
     scheduler.start()
@@ -262,7 +271,7 @@ def run_node(settings: Settings) -> None:
         _wait_for_signal()
     finally:
         log.info("node stopping")
-        server.shutdown()
+        edge.shutdown()
         scheduler.stop()
         database.dispose()
 

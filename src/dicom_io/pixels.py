@@ -27,7 +27,7 @@ from pydicom.uid import UID, ExplicitVRLittleEndian, ImplicitVRLittleEndian
 
 from .codestream import CodestreamError, frame_header
 
-__all__ = ["PixelRefused", "display_array", "pixel_data_problem"]
+__all__ = ["PixelRefused", "display_array", "pixel_data_problem", "pixel_data_problem_in_file", "read_header"]
 
 _GREYSCALE = ("MONOCHROME1", "MONOCHROME2")
 _PIXEL_DATA_KEYWORDS = ("PixelData", "FloatPixelData", "DoubleFloatPixelData")
@@ -144,10 +144,80 @@ def pixel_data_problem(ds: pydicom.Dataset, transfer_syntax_uid: str | None = No
     its own header the Rows, Columns and Samples per Pixel of the dataset.
     Nothing is decoded. `transfer_syntax_uid` defaults to the file meta's
     (or, without one, the encoding the dataset was read with).
+    `pixel_data_problem_in_file` makes the same check on a file without
+    reading its pixel data into memory.
     """
     if "PixelData" not in ds:
         return None
     syntax = transfer_syntax_uid or _stated_syntax(ds)
+    geometry = _geometry(ds)
+    if isinstance(geometry, str):
+        return geometry
+    element = ds["PixelData"]
+    if syntax is None or not UID(syntax).is_compressed:
+        value = element.value
+        return _native_problem(len(value) if value is not None else 0, geometry)
+    try:
+        first = next(generate_frames(element.value, number_of_frames=geometry[3]))
+    except StopIteration:
+        return "encapsulated pixel data holds no frame"
+    except Exception as exc:  # malformed items or offsets
+        return f"encapsulated pixel data cannot be parsed: {type(exc).__name__}: {exc}"
+    return _frame_problem(first, syntax, geometry)
+
+
+def read_header(path) -> tuple[pydicom.Dataset, int]:
+    """The data set of a DICOM file up to its Pixel Data, and the offset where Pixel Data (or the
+    end of the file) begins: what `pixel_data_problem_in_file` and the DICOM node read once."""
+    with open(path, "rb") as handle:
+        ds = pydicom.dcmread(handle, stop_before_pixels=True, force=True)
+        return ds, handle.tell()
+
+
+def pixel_data_problem_in_file(path, transfer_syntax_uid: str | None = None, *,
+                               header: tuple[pydicom.Dataset, int] | None = None) -> str | None:
+    """`pixel_data_problem` for a DICOM file, reading only its header and, for
+    compressed pixel data, its first frame: a data set of any size is checked
+    without holding it in memory (the DICOM node streams C-STOREs to disk).
+    `header` is `read_header(path)` when the caller has it already.
+
+    Raises:
+        Exception: whatever pydicom raises for a header it cannot parse.
+    """
+    ds, offset = header if header is not None else read_header(path)
+    with open(path, "rb") as handle:
+        size = handle.seek(0, 2)
+        syntax = transfer_syntax_uid or _stated_syntax(ds)
+        handle.seek(offset)
+        head = handle.read(12)
+        if len(head) < 8 or head[:4] != b"\xe0\x7f\x10\x00":  # (7FE0,0010) little endian
+            return None
+        implicit = (syntax == ImplicitVRLittleEndian) if syntax else ds.original_encoding[0] is True
+        if implicit:
+            length, value_start = int.from_bytes(head[4:8], "little"), offset + 8
+        else:
+            if len(head) < 12:
+                return "Pixel Data element header is cut short"
+            length, value_start = int.from_bytes(head[8:12], "little"), offset + 12
+        geometry = _geometry(ds)
+        if isinstance(geometry, str):
+            return geometry
+        if syntax is None or not UID(syntax).is_compressed:
+            if length == 0xFFFFFFFF:
+                return "native pixel data has an undefined length"
+            return _native_problem(min(length, max(0, size - value_start)), geometry)
+        handle.seek(value_start)
+        try:
+            first = next(generate_frames(handle, number_of_frames=geometry[3]))
+        except StopIteration:
+            return "encapsulated pixel data holds no frame"
+        except Exception as exc:  # malformed items or offsets
+            return f"encapsulated pixel data cannot be parsed: {type(exc).__name__}: {exc}"
+        return _frame_problem(first, syntax, geometry)
+
+
+def _geometry(ds: pydicom.Dataset) -> tuple[int, int, int, int, int] | str:
+    """(rows, columns, samples, frames, bits allocated), or why they cannot be used."""
     try:
         rows, columns = _int_attr(ds, "Rows", 0), _int_attr(ds, "Columns", 0)
         samples = _int_attr(ds, "SamplesPerPixel", 1)
@@ -157,21 +227,20 @@ def pixel_data_problem(ds: pydicom.Dataset, transfer_syntax_uid: str | None = No
         return exc.reason
     if rows <= 0 or columns <= 0 or bits <= 0:
         return f"image pixel attributes are missing (Rows {rows}, Columns {columns}, Bits Allocated {bits})"
-    element = ds["PixelData"]
-    if syntax is None or not UID(syntax).is_compressed:
-        value = element.value
-        size = len(value) if value is not None else 0
-        needed = (rows * columns * samples * frames * bits + 7) // 8
-        if size < needed:
-            return (f"truncated pixel data: {size} of {needed} bytes ({columns}x{rows} pixels x {samples} "
-                    f"sample(s) x {frames} frame(s) at {bits} bits)")
-        return None
-    try:
-        first = next(generate_frames(element.value, number_of_frames=frames))
-    except StopIteration:
-        return "encapsulated pixel data holds no frame"
-    except Exception as exc:  # malformed items or offsets
-        return f"encapsulated pixel data cannot be parsed: {type(exc).__name__}: {exc}"
+    return rows, columns, samples, frames, bits
+
+
+def _native_problem(size: int, geometry: tuple[int, int, int, int, int]) -> str | None:
+    rows, columns, samples, frames, bits = geometry
+    needed = (rows * columns * samples * frames * bits + 7) // 8
+    if size < needed:
+        return (f"truncated pixel data: {size} of {needed} bytes ({columns}x{rows} pixels x {samples} "
+                f"sample(s) x {frames} frame(s) at {bits} bits)")
+    return None
+
+
+def _frame_problem(first: bytes, syntax: str, geometry: tuple[int, int, int, int, int]) -> str | None:
+    rows, columns, samples = geometry[:3]
     try:
         header = frame_header(first, syntax)
     except CodestreamError as exc:

@@ -1,4 +1,4 @@
-"""C-STORE SCU: send result objects to a destination (PACS).
+"""C-STORE SCU: send result objects to a destination (PACS), over DICOM TLS when it says ``?tls``.
 
 Each object is offered as it is stored (the heatmaps JPEG baseline) and, for every SOP class,
 uncompressed too; an object whose compressed syntax the destination refuses is decompressed and
@@ -16,7 +16,9 @@ from pydicom import dcmread
 from pydicom.uid import ExplicitVRLittleEndian, ImplicitVRLittleEndian
 from pynetdicom import AE, evt
 
-from triage_core.settings import Destination
+from triage_core.settings import Destination, Settings
+
+from .tls import TLSConfigurationError, client_context
 
 log = logging.getLogger(__name__)
 _UNCOMPRESSED = frozenset({ExplicitVRLittleEndian, ImplicitVRLittleEndian})
@@ -35,7 +37,7 @@ def _no_delay(event) -> None:
 def _uncompressed(ds, destination: Destination):
     """`ds` decompressed to explicit VR little endian (colour as RGB); it stays marked lossy."""
     try:
-        ds.decompress()
+        ds.decompress(generate_instance_uid=False)  # the same instance in another transfer syntax
     except Exception as exc:  # a missing decoder: say so rather than send what was refused
         raise ExportError(f"{destination} refuses {ds.file_meta.TransferSyntaxUID.name} for SOP {ds.SOPInstanceUID} "
                           f"and it could not be decompressed: {exc}") from exc
@@ -48,8 +50,21 @@ class ExportError(Exception):
 
 
 def send_files(destination: Destination, paths: Sequence[Path], *, calling_ae_title: str,
-               timeout: float = 30.0) -> int:
-    """C-STORE every file on one association. Returns how many were stored; raises ExportError otherwise."""
+               timeout: float = 30.0, settings: Settings | None = None) -> int:
+    """C-STORE every file on one association. Returns how many were stored; raises ExportError otherwise.
+
+    A TLS destination is reached with `tls.client_context` (its ``ca=`` or
+    CXR_TRIAGE_TLS_CA_FILE, our certificate when configured): `settings` is
+    needed for it.
+    """
+    tls_args = None
+    if destination.tls:
+        if settings is None:
+            raise ExportError(f"{destination} asks for TLS but no settings were given to build the TLS context")
+        try:
+            tls_args = client_context(settings, destination)
+        except TLSConfigurationError as exc:
+            raise ExportError(str(exc)) from exc
     datasets = [dcmread(path) for path in paths]
     ae = AE(ae_title=calling_ae_title)
     ae.acse_timeout = timeout
@@ -60,10 +75,12 @@ def send_files(destination: Destination, paths: Sequence[Path], *, calling_ae_ti
             ae.add_requested_context(sop_class, [syntax])
     for sop_class in sorted({str(ds.SOPClassUID) for ds in datasets}):
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
-    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title,
+    assoc = ae.associate(destination.host, destination.port, ae_title=destination.ae_title, tls_args=tls_args,
                          evt_handlers=[(evt.EVT_CONN_OPEN, _no_delay)])
     if not assoc.is_established:
-        raise ExportError(f"association with {destination} was not established (rejected, aborted or unreachable)")
+        how = " over TLS (handshake, certificate or name check failed?)" if destination.tls else ""
+        raise ExportError(f"association with {destination} was not established{how} "
+                          "(rejected, aborted or unreachable)")
     stored = 0
     try:
         accepted = {(str(cx.abstract_syntax), str(cx.transfer_syntax[0])) for cx in assoc.accepted_contexts}

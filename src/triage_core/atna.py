@@ -93,6 +93,10 @@ SHAPES: dict[AuditAction, Shape] = {
     AuditAction.AUTH_REFUSED: Shape(SECURITY_ALERT, "E", LOGIN),
     AuditAction.ACCESS_DENIED: Shape(SECURITY_ALERT, "E", RESTRICTED_FUNCTION),
     AuditAction.ASSOCIATION_REJECTED: Shape(SECURITY_ALERT, "E", NODE_AUTHENTICATION),
+    # A peer that broke the edge's bounds (timeouts, sizes) and was cut off.
+    AuditAction.ASSOCIATION_ABORTED: Shape(SECURITY_ALERT, "E", NODE_AUTHENTICATION),
+    AuditAction.DICOM_QUERY: Shape(QUERY, "E"),
+    AuditAction.DICOM_RETRIEVE: Shape(INSTANCES_TRANSFERRED, "R"),
     AuditAction.USER_CREATED: Shape(SECURITY_ALERT, "E", SECURITY_CONFIGURATION),
     AuditAction.USER_REVOKED: Shape(SECURITY_ALERT, "E", SECURITY_CONFIGURATION),
 }

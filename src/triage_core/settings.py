@@ -5,6 +5,7 @@ Names are fixed by DESIGN.md section 3; others script against them.
 
 from __future__ import annotations
 
+import ipaddress
 import re
 from dataclasses import dataclass
 from functools import cached_property
@@ -16,31 +17,59 @@ from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
 
 #: 1-16 printable ASCII characters, no backslash (the DICOM value separator), not all spaces.
 _AE_TITLE = re.compile(r"^(?! *$)[\x20-\x5b\x5d-\x7e]{1,16}$")
-_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:]+):(?P<port>\d{1,5})$")
+_DESTINATION = re.compile(r"^(?P<ae>[^@]{1,16})@(?P<host>[^:?]+):(?P<port>\d{1,5})(?:\?(?P<options>.*))?$")
 
 
 @dataclass(frozen=True)
 class Destination:
-    """A DICOM peer that receives our results by C-STORE."""
+    """A DICOM peer that receives our results by C-STORE (and C-MOVE sub-operations).
+
+    Written ``AET@host:port``, or ``AET@host:port?tls`` for DICOM TLS (PS3.15
+    B.9/B.12), optionally ``?tls&ca=/path/ca.pem`` to verify that peer against
+    its own CA bundle instead of ``CXR_TRIAGE_TLS_CA_FILE`` (else the system's),
+    and ``&server_name=NAME`` when its certificate names another host than the
+    one we connect to. The text form round-trips (it keys the export rows).
+    """
 
     ae_title: str
     host: str
     port: int
+    tls: bool = False
+    ca_file: str = ""
+    server_name: str = ""
 
     @classmethod
     def parse(cls, text: str) -> "Destination":
         match = _DESTINATION.match(text.strip())
         if not match:
-            raise ValueError(f"export destination {text!r} is not AET@host:port")
+            raise ValueError(f"export destination {text!r} is not AET@host:port (or AET@host:port?tls)")
         ae_title, host, port = match["ae"].strip(), match["host"], int(match["port"])
         if not _AE_TITLE.match(ae_title) or "\\" in ae_title:
             raise ValueError(f"export destination {text!r}: invalid AE title")
         if not 0 < port < 65536:
             raise ValueError(f"export destination {text!r}: port out of range")
-        return cls(ae_title, host, port)
+        options: dict[str, str] = {}
+        for item in (match["options"] or "").split("&"):
+            if item:
+                key, _, value = item.partition("=")
+                options[key.strip().lower()] = value.strip()
+        unknown = set(options) - {"tls", "ca", "server_name"}
+        if unknown:
+            raise ValueError(f"export destination {text!r}: unknown option(s) {', '.join(sorted(unknown))} "
+                             "(known: tls, ca=PATH, server_name=NAME)")
+        tls = "tls" in options
+        if not tls and ("ca" in options or "server_name" in options):
+            raise ValueError(f"export destination {text!r}: ca= and server_name= need ?tls")
+        if "tls" in options and options["tls"] not in ("", "1", "true", "yes"):
+            raise ValueError(f"export destination {text!r}: write ?tls, not ?tls={options['tls']}")
+        return cls(ae_title, host, port, tls, options.get("ca", ""), options.get("server_name", ""))
 
     def __str__(self) -> str:
-        return f"{self.ae_title}@{self.host}:{self.port}"
+        text = f"{self.ae_title}@{self.host}:{self.port}"
+        if self.tls:
+            text += "?tls" + (f"&ca={self.ca_file}" if self.ca_file else "") + (
+                f"&server_name={self.server_name}" if self.server_name else "")
+        return text
 
 
 #: JWS algorithms an OIDC token may use: asymmetric only (an HS* key would be the public JWKS).
@@ -133,7 +162,6 @@ class Settings(BaseSettings):
     export_backoff_seconds: float = Field(10.0, gt=0)
     export_max_delay_seconds: float = Field(600.0, gt=0)
     export_give_up_hours: float = Field(24.0, gt=0)
-    max_pdu_size: int = Field(0, ge=0)
     log_level: str = "INFO"
     # Authentication (README "Authentication"). API keys live in the database (`cxr-triage user`).
     #: OpenID Connect issuer URL (exactly the tokens' `iss`); empty = no OIDC.
@@ -159,6 +187,42 @@ class Settings(BaseSettings):
     #: The API key `cxr-triage demo` sends (a client setting; the API never reads it).
     api_key: str = ""
 
+    # --- The DICOM edge (dicom_node): bounds against hostile or broken peers, TLS, Query/Retrieve,
+    # receiving processes. README "Configuration" explains each default and how it was chosen.
+    #: Longest wait for data on an accepted connection, before and inside associations: the TLS
+    #: handshake and the A-ASSOCIATE-RQ must arrive within it, every read waits at most this long,
+    #: and a PDU must complete within it plus its length at 64 KiB/s.
+    dicom_read_timeout: float = Field(10.0, gt=0, le=600)
+    #: An established association with no PDU for this long is aborted.
+    dicom_idle_timeout: float = Field(60.0, gt=0, le=3600)
+    #: Largest PDU we accept (and the Maximum Length we announce); a larger one aborts the association.
+    max_pdu_size: int = Field(4 * 1024 * 1024, ge=65536, le=64 * 1024 * 1024)
+    #: Largest data set of one C-STORE (streamed to disk while it arrives, never held in memory);
+    #: one that grows past it aborts the association. At most 2 GiB - 1 (the size column).
+    max_dataset_size: int = Field(1024 * 1024 * 1024, ge=1024 * 1024, le=2**31 - 1)
+    #: Associations at once, in all and from one source address (more get A-ASSOCIATE-RJ, transient).
+    max_associations: int = Field(32, ge=1, le=1000)
+    max_associations_per_source: int = Field(8, ge=1, le=1000)
+    #: Refuse associations whose Called AE Title is not CXR_TRIAGE_AE_TITLE.
+    strict_called_ae_title: bool = True
+    #: Source networks (CIDR or single addresses) allowed to connect; empty = any.
+    allowed_networks: Annotated[list[str], NoDecode] = []
+    #: DICOM TLS listener (PS3.15 B.9 / B.12 profiles, TLS 1.2+) on this port; unset = no TLS.
+    dicom_tls_port: int | None = Field(None, ge=1, le=65535)
+    #: Serve DICOM over TLS only (no plain listener on CXR_TRIAGE_DICOM_PORT).
+    dicom_tls_only: bool = False
+    #: Our certificate chain and key (PEM): the TLS listener's, and our client certificate for TLS exports.
+    tls_cert_file: Path | None = None
+    tls_key_file: Path | None = None
+    #: CA bundle (PEM) that verifies client certificates and TLS export destinations.
+    tls_ca_file: Path | None = None
+    #: Require a client certificate signed by CXR_TRIAGE_TLS_CA_FILE on the TLS listener.
+    tls_verify_clients: bool = False
+    #: C-MOVE destinations by AE title, beside the export destinations (same syntax).
+    move_destinations: Annotated[list[Destination], NoDecode] = []
+    #: Receiving processes of `cxr-triage node`; unset = one per usable CPU core, at most 4.
+    dicom_receivers: int | None = Field(None, ge=1, le=32)
+
     @field_validator("allowed_calling_aets", mode="before")
     @classmethod
     def _aets(cls, value: object) -> object:
@@ -168,7 +232,7 @@ class Settings(BaseSettings):
                 raise ValueError(f"invalid AE title {item!r}")
         return items
 
-    @field_validator("export_destinations", mode="before")
+    @field_validator("export_destinations", "move_destinations", mode="before")
     @classmethod
     def _destinations(cls, value: object) -> object:
         items = _split_list(value)
@@ -176,9 +240,21 @@ class Settings(BaseSettings):
             return [Destination.parse(item) if isinstance(item, str) else item for item in items]
         return items
 
-    @field_validator("model_path", mode="before")
+    @field_validator("allowed_networks", mode="before")
     @classmethod
-    def _model_path(cls, value: object) -> object:
+    def _networks(cls, value: object) -> object:
+        items = _split_list(value)
+        for item in items or []:
+            try:
+                ipaddress.ip_network(item, strict=False)
+            except ValueError:
+                raise ValueError(f"allowed network {item!r} is not an address or CIDR network") from None
+        return items
+
+    @field_validator("model_path", "tls_cert_file", "tls_key_file", "tls_ca_file", "dicom_tls_port",
+                     "dicom_receivers", mode="before")
+    @classmethod
+    def _empty_is_unset(cls, value: object) -> object:
         # An empty variable (docker-compose's "${CXR_TRIAGE_MODEL_PATH:-}") means the default.
         return None if isinstance(value, str) and not value.strip() else value
 
@@ -264,6 +340,14 @@ class Settings(BaseSettings):
     @model_validator(mode="after")
     def _resolve(self) -> "Settings":
         self.data_dir = self.data_dir.expanduser().resolve()
+        if self.dicom_tls_port is not None and not (self.tls_cert_file and self.tls_key_file):
+            raise ValueError("dicom_tls_port needs tls_cert_file and tls_key_file")
+        if self.dicom_tls_only and self.dicom_tls_port is None:
+            raise ValueError("dicom_tls_only needs dicom_tls_port")
+        if self.tls_verify_clients and not self.tls_ca_file:
+            raise ValueError("tls_verify_clients needs tls_ca_file (the CA that signs the client certificates)")
+        if self.dicom_tls_port is not None and self.dicom_tls_port == self.dicom_port and not self.dicom_tls_only:
+            raise ValueError("dicom_tls_port must differ from dicom_port (or set dicom_tls_only)")
         if not self.database_url:
             self.database_url = f"sqlite:///{self.data_dir / 'triage.sqlite'}"
         if not self.broker_url:
@@ -281,6 +365,20 @@ class Settings(BaseSettings):
     @cached_property
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
+
+    @property
+    def allowed_network_objects(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
+        return [ipaddress.ip_network(item, strict=False) for item in self.allowed_networks]
+
+    @property
+    def known_move_destinations(self) -> dict[str, Destination]:
+        """C-MOVE destinations by AE title: the move destinations, then the export destinations."""
+        known: dict[str, Destination] = {}
+        for destination in [*self.export_destinations, *self.move_destinations]:
+            known.setdefault(destination.ae_title, destination)
+        for destination in self.move_destinations:
+            known[destination.ae_title] = destination
+        return known
 
     @property
     def uses_embedded_broker(self) -> bool:

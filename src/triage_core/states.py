@@ -41,6 +41,13 @@ class AuditAction(StrEnum):
     INSTANCE_RECEIVED = "INSTANCE_RECEIVED"
     INSTANCE_DUPLICATE = "INSTANCE_DUPLICATE"
     INSTANCE_REJECTED = "INSTANCE_REJECTED"
+    #: The DICOM node refused a connection or association (network, limits, AE titles, TLS).
+    ASSOCIATION_REJECTED = "ASSOCIATION_REJECTED"
+    #: The DICOM node ended an association whose peer broke a bound (timeout, PDU or data set size).
+    ASSOCIATION_ABORTED = "ASSOCIATION_ABORTED"
+    #: A DICOM peer queried (C-FIND) or retrieved (C-GET, C-MOVE) study data.
+    DICOM_QUERY = "DICOM_QUERY"
+    DICOM_RETRIEVE = "DICOM_RETRIEVE"
     STATUS_CHANGED = "STATUS_CHANGED"
     JOB_ENQUEUED = "JOB_ENQUEUED"
     RESULT_STORED = "RESULT_STORED"
@@ -59,10 +66,9 @@ class AuditAction(StrEnum):
     READ_METADATA = "READ_METADATA"
     READ_RENDERED = "READ_RENDERED"
     VERIFY_AUDIT = "VERIFY_AUDIT"
-    # Security alerts: refused credentials, a role that may not, a refused DICOM association
+    # Security alerts: refused credentials, a role that may not (and ASSOCIATION_* above)
     AUTH_REFUSED = "AUTH_REFUSED"
     ACCESS_DENIED = "ACCESS_DENIED"
-    ASSOCIATION_REJECTED = "ASSOCIATION_REJECTED"
     # User management (API keys)
     USER_CREATED = "USER_CREATED"
     USER_REVOKED = "USER_REVOKED"
@@ -82,7 +88,7 @@ class Role(StrEnum):
 
     RADIOLOGIST = "radiologist"  # worklist, study detail, results, DICOMweb
     AUDITOR = "auditor"  # audit queries and verification
-    ADMIN = "admin"  # both, plus operations (user management)
+    ADMIN = "admin"  # both, plus operations (user management, export retries)
 
 
 class Permission(StrEnum):

@@ -49,7 +49,7 @@ def export_once(settings: Settings, database: Database, export_id: int, *, now=N
         try:
             if not paths:
                 raise ExportError("no result objects to export")
-            send_files(destination, paths, calling_ae_title=settings.ae_title)
+            send_files(destination, paths, calling_ae_title=settings.ae_title, settings=settings)
         except (ExportError, OSError) as exc:
             error = str(exc) or type(exc).__name__
     sent_ms = 1000 * (time.perf_counter() - started)

@@ -143,5 +143,9 @@ def test_export_sends_jpeg_heatmaps_as_stored_and_uncompressed_where_refused(ort
                          if strict.get(f"/instances/{i}/tags?simplify")["SOPClassUID"] == sc]
         tags = strict.get(f"/instances/{heatmap_id}/tags?simplify")
         assert tags["PhotometricInterpretation"] == "RGB" and tags["LossyImageCompression"] == "01"
+        # The same instance in another transfer syntax: its UID is kept (PACS and SR refer to it).
+        sent = {str(pydicom.dcmread(p, stop_before_pixels=True).SOPInstanceUID) for p in paths}
+        stored = {strict.get(f"/instances/{i}/tags?simplify")["SOPInstanceUID"] for i in strict.get("/instances")}
+        assert stored == sent
     finally:
         strict.stop()

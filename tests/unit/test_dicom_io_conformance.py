@@ -351,3 +351,19 @@ def test_frame_headers_of_real_files() -> None:
         frame_header(b"\xff\xd8\xff\xe0\x00\x10JFIF", pydicom.uid.JPEGBaseline8Bit)
     with pytest.raises(CodestreamError, match="SOC"):
         frame_header(b"\xff\xd8", pydicom.uid.JPEG2000)
+
+
+def test_pixel_data_check_of_a_file_equals_the_in_memory_check(tmp_path: Path) -> None:
+    """The DICOM node checks spooled files without reading their pixel data into memory: same verdicts."""
+    from dicom_io.pixels import pixel_data_problem_in_file
+
+    paths = sorted(DATA.glob("*/*.dcm"))
+    builders = {"truncated": lambda: fx.truncated(_dx_pa()), "jpeg_larger": fx.jpeg_frame_larger_than_header,
+                "jpeg_patched": fx.jpeg_frame_header_patched, "j2k_larger": fx.j2k_frame_larger_than_header}
+    paths += [fx.write(make(), tmp_path / f"{name}.dcm") for name, make in builders.items()]
+    verdicts = {}
+    for path in paths:
+        in_memory = pixel_data_problem(pydicom.dcmread(path, force=True))
+        assert pixel_data_problem_in_file(path) == in_memory, path.name
+        verdicts[path.name] = in_memory
+    assert sum(v is not None for v in verdicts.values()) == 4  # the four broken ones, nothing else

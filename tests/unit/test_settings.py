@@ -79,6 +79,14 @@ def test_empty_model_path_means_the_bundled_model(clean_env):
         ("CXR_TRIAGE_DICOM_PORT", "0", "greater than or equal to 1"),
         ("CXR_TRIAGE_SERIES_QUIET_SECONDS", "-1", "greater than or equal to 0"),
         ("CXR_TRIAGE_MODEL_RUNTIME", "tensorrt", "auto, torch, onnx or onnx-int8"),
+        ("CXR_TRIAGE_MAX_PDU_SIZE", "0", "greater than or equal to 65536"),
+        ("CXR_TRIAGE_MAX_DATASET_SIZE", "4294967296", "less than or equal to 2147483647"),
+        ("CXR_TRIAGE_ALLOWED_NETWORKS", "10.0.0.0/8,not-a-net", "not an address or CIDR network"),
+        ("CXR_TRIAGE_DICOM_TLS_PORT", "2762", "needs tls_cert_file and tls_key_file"),
+        ("CXR_TRIAGE_TLS_VERIFY_CLIENTS", "true", "needs tls_ca_file"),
+        ("CXR_TRIAGE_DICOM_TLS_ONLY", "true", "needs dicom_tls_port"),
+        ("CXR_TRIAGE_EXPORT_DESTINATIONS", "PACS@h:104?tls&verify=no", "unknown option(s) verify"),
+        ("CXR_TRIAGE_MOVE_DESTINATIONS", "PACS", "not AET@host:port"),
     ],
 )
 def test_bad_values_stop_start_up_with_a_message(clean_env, name, value, message):
@@ -123,3 +131,40 @@ def test_model_runtime_names(clean_env):
     for name in ("auto", "torch", "onnx", "onnx-int8"):
         clean_env.setenv("CXR_TRIAGE_MODEL_RUNTIME", name)
         assert Settings().model_runtime == name
+
+
+def test_dicom_edge_defaults_are_bounded(clean_env):
+    settings = Settings()
+    assert settings.dicom_read_timeout == 10.0 and settings.dicom_idle_timeout == 60.0
+    assert settings.max_pdu_size == 4 * 2**20 and settings.max_dataset_size == 2**30
+    assert (settings.max_associations, settings.max_associations_per_source) == (32, 8)
+    assert settings.strict_called_ae_title is True
+    assert settings.allowed_networks == [] and settings.dicom_tls_port is None and settings.move_destinations == []
+
+
+def test_dicom_edge_variables_take_effect(clean_env, tmp_path):
+    for name, value in {
+        "CXR_TRIAGE_DICOM_READ_TIMEOUT": "3.5", "CXR_TRIAGE_MAX_ASSOCIATIONS_PER_SOURCE": "2",
+        "CXR_TRIAGE_ALLOWED_NETWORKS": "10.1.0.0/16, 192.168.7.9", "CXR_TRIAGE_DICOM_TLS_PORT": "2762",
+        "CXR_TRIAGE_TLS_CERT_FILE": str(tmp_path / "c.pem"), "CXR_TRIAGE_TLS_KEY_FILE": str(tmp_path / "k.pem"),
+        "CXR_TRIAGE_MOVE_DESTINATIONS": "VIEWER@10.1.2.3:104", "CXR_TRIAGE_EXPORT_DESTINATIONS": "PACS@p:2762?tls",
+        "CXR_TRIAGE_STRICT_CALLED_AE_TITLE": "false", "CXR_TRIAGE_DICOM_RECEIVERS": "3",
+    }.items():
+        clean_env.setenv(name, value)
+    settings = Settings()
+    assert settings.dicom_read_timeout == 3.5 and settings.max_associations_per_source == 2
+    assert [str(n) for n in settings.allowed_network_objects] == ["10.1.0.0/16", "192.168.7.9/32"]
+    assert settings.dicom_tls_port == 2762 and settings.strict_called_ae_title is False
+    assert settings.dicom_receivers == 3
+    assert sorted(settings.known_move_destinations) == ["PACS", "VIEWER"]
+    assert settings.known_move_destinations["PACS"].tls is True
+
+
+@pytest.mark.parametrize(("env", "cores", "expected"), [({}, 2, 2), ({}, 1, 1), ({}, 16, 4),
+                                                         ({"CXR_TRIAGE_DICOM_RECEIVERS": "6"}, 2, 6)])
+def test_receiving_processes_follow_the_setting_then_the_cores(clean_env, env, cores, expected):
+    from dicom_node.processes import receiver_processes
+
+    for name, value in env.items():
+        clean_env.setenv(name, value)
+    assert receiver_processes(Settings(), cores=cores) == expected
