@@ -127,8 +127,8 @@ class Service:
         self.process = subprocess.Popen([sys.executable, "-m", "cxr_triage.cli", "serve"], env=self.env,
                                         cwd=self.workdir, stdout=self.log, stderr=subprocess.STDOUT,
                                         start_new_session=True)
-        wait_until(lambda: self.log_path.read_bytes().count(b" loaded from ") >= processes, 240,
-                   what=f"{processes} model process(es) to load the model")
+        wait_until(lambda: self.log_path.read_bytes().count(b"model process ready") >= processes, 240,
+                   what=f"{processes} model process(es) to load the model and warm up")
         wait_until(lambda: subprocess.run(["echoscu", "-aec", self.ae_title, "127.0.0.1", str(self.dicom_port)],
                                           capture_output=True).returncode == 0, 60, what="the DICOM node")
         return self

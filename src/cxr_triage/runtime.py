@@ -162,6 +162,8 @@ class WorkerPlan:
     concurrency: int
     threads: int | None
     gpu: bool
+    #: Studies scored in one batch (CXR_TRIAGE_BATCH_STUDIES).
+    batch_studies: int = 1
 
 
 def usable_cores() -> int:
@@ -192,7 +194,7 @@ def worker_plan(settings: Settings, cores: int | None = None, gpu: bool | None =
     gpu = _gpu_expected(settings) if gpu is None else gpu
     concurrency = settings.worker_concurrency or (1 if gpu else min(cores, MAX_AUTO_WORKERS))
     threads = settings.model_threads or (None if gpu else max(1, cores // concurrency))
-    return WorkerPlan(concurrency, threads, gpu)
+    return WorkerPlan(concurrency, threads, gpu, settings.batch_studies or (8 if gpu else 1))
 
 
 def load_model_for(settings: Settings, path=None, threads: int | None = None):
@@ -286,6 +288,7 @@ def run_worker(settings: Settings) -> None:
     database = Database(settings.database_url, audit_sink=audit_sink(settings))
     app = make_celery(settings)
     plan = worker_plan(settings)
+    settings.batch_studies = plan.batch_studies
     pipeline = register_tasks(app, settings, database, lambda: load_model_for(settings, threads=plan.threads))
     pool = "solo" if plan.concurrency == 1 else "prefork"
     log.info("model worker: %d process(es) x %s thread(s)%s", plan.concurrency, plan.threads or "default",
@@ -296,7 +299,9 @@ def run_worker(settings: Settings) -> None:
         # not on the first study (a failure here is logged and the job that needs it fails with the reason).
         database.engine.dispose(close=False)
         try:
-            pipeline.model
+            started = time.monotonic()
+            pipeline.warm_up()
+            log.info("model process ready: warm-up took %.0f ms", 1000 * (time.monotonic() - started))
         except Exception:
             log.exception("model failed to load; jobs will fail with the reason until it does")
 

@@ -88,7 +88,7 @@ class HeatmapOptions:
     CXR_TRIAGE_HEATMAP_COMPRESSION)."""
 
     max_side: int = MAX_SIDE
-    per_finding: int = 3
+    per_finding: int = 2
     compress: bool = True
     #: Finding names, most urgent first: who gets an image of its own.
     order: tuple[str, ...] = ()

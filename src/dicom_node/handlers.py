@@ -25,6 +25,7 @@ from .fastpath import SpoolFile
 from .ingest import IngestService
 from .policy import RefusalLog, source_address
 from .query import Catalogue, QueryError, StoredObject, level_of
+from .readiness import mark_released
 from .statuses import (
     CANNOT_UNDERSTAND,
     FIND_UNABLE_TO_PROCESS,
@@ -81,8 +82,33 @@ def handle_store(event: events.Event, ingest: IngestService) -> int | Dataset:
                       calling_ae_title, request.AffectedSOPInstanceUID)
         return _status(OUT_OF_RESOURCES, "storage failed; try again later")
     if is_success(outcome.status):
+        if outcome.study_id is not None:
+            _studies_sent(event.assoc).add(outcome.study_id)
         return outcome.status
     return _status(outcome.status, outcome.reason)
+
+
+def _studies_sent(assoc) -> set[int]:
+    """The studies this association stored instances of (kept on the association object)."""
+    studies = getattr(assoc, "cxr_studies", None)
+    if studies is None:
+        studies = assoc.cxr_studies = set()
+    return studies
+
+
+def handle_released(event: events.Event, database) -> None:
+    """EVT_RELEASED: the sender released the association after its last instance (an abort does not
+    count): the quiet period of the studies it sent ends now (CXR_TRIAGE_READY_ON_RELEASE)."""
+    studies = getattr(event.assoc, "cxr_studies", None)
+    if not studies:
+        return
+    try:
+        marked = mark_released(database, set(studies))
+    except Exception:  # the quiet period still ends in its own time
+        log.exception("marking %d studies released failed", len(studies))
+        return
+    log.info("association from %s released: %d study(ies) ready without waiting for quiet",
+             event.assoc.requestor.ae_title.strip(), marked)
 
 
 def handle_rejected(event: events.Event, refusals: RefusalLog, our_ae_title: str,

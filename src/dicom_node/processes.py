@@ -277,7 +277,18 @@ def receiver_main(settings: Settings, channel: socket.socket, index: int,
     """A receiving process: run the associations whose connections arrive on `channel`."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)  # the listening process decides when to stop
     stop = threading.Event()
-    signal.signal(signal.SIGTERM, lambda *_: stop.set())
+
+    def terminate(*_) -> None:
+        # SIGTERM reaches every process of the group at once (systemd, serve): stop taking connections
+        # now. Shutting the channel down wakes the blocking receive below (which Python otherwise
+        # resumes after the handler), so the drain and the shutdown start at once.
+        stop.set()
+        try:
+            channel.shutdown(socket.SHUT_RD)
+        except OSError:
+            pass
+
+    signal.signal(signal.SIGTERM, terminate)
     if initializer is not None:
         initializer()
     database = Database(settings.database_url)

@@ -16,7 +16,7 @@ import time
 from datetime import datetime, timedelta, timezone
 from typing import Callable
 
-from sqlalchemy import select
+from sqlalchemy import and_, or_, select, update
 
 from triage_core import audit, work
 from triage_core.db import Database
@@ -31,19 +31,24 @@ _PUBLISH_ERROR = "publishing to the broker failed, will retry"
 
 
 def mark_quiet_studies_ready(database: Database, quiet_seconds: float, now: datetime | None = None) -> list[int]:
-    """Move quiet RECEIVING studies to READY with a new QUEUED job. Returns the new job ids."""
+    """Move RECEIVING studies that are quiet, or whose sending association was released after their
+    last instance, to READY with a new QUEUED job. Returns the new job ids."""
     now = now or datetime.now(timezone.utc)
     cutoff = now - timedelta(seconds=quiet_seconds)
     job_ids: list[int] = []
     with database.session() as session:
         studies = session.scalars(
             select(Study)
-            .where(Study.status == str(StudyStatus.RECEIVING), Study.last_instance_at <= cutoff)
+            .where(Study.status == str(StudyStatus.RECEIVING),
+                   or_(Study.last_instance_at <= cutoff,
+                       and_(Study.released_at.is_not(None), Study.released_at >= Study.last_instance_at)))
             .with_for_update(skip_locked=True)
         ).all()
         for study in studies:
+            released = study.released_at is not None and study.released_at >= study.last_instance_at
             audit.set_status(session, study, StudyStatus.READY, actor=ACTOR,
-                             reason=f"series quiet for {quiet_seconds:g} s")
+                             reason="the sending association was released" if released and
+                             study.last_instance_at > cutoff else f"series quiet for {quiet_seconds:g} s")
             job = Job(study_id=study.id, status=str(JobStatus.QUEUED))
             session.add(job)
             session.flush()
@@ -73,6 +78,20 @@ def send_pending_jobs(database: Database, enqueue: Enqueue) -> int:
         log.info("enqueued job %s for study id %s", job_id, study_id)
         sent += 1
     return sent
+
+
+def mark_released(database: Database, study_ids: set[int], now: datetime | None = None) -> int:
+    """The association that sent these studies' instances was released: their quiet period ends now
+    (for those still receiving). Returns how many studies it concerned."""
+    if not study_ids:
+        return 0
+    with database.session() as session:
+        return session.execute(
+            update(Study)
+            .where(Study.id.in_(sorted(study_ids)), Study.status == str(StudyStatus.RECEIVING))
+            .values(released_at=now or datetime.now(timezone.utc))
+            .execution_options(synchronize_session=False)
+        ).rowcount
 
 
 def run_sweeper(database: Database, policy: work.WorkPolicy, holder: str, publish_job: Enqueue,
@@ -112,7 +131,7 @@ class Scheduler:
     every `sweep_interval` seconds, sweep (when this process holds the sweeper's lease)."""
 
     def __init__(self, database: Database, quiet_seconds: float, publish_job: Enqueue, publish_export: Enqueue,
-                 policy: work.WorkPolicy, sweep_interval: float, interval: float = 0.5) -> None:
+                 policy: work.WorkPolicy, sweep_interval: float, interval: float = 0.1) -> None:
         self.database = database
         self.quiet_seconds = quiet_seconds
         self.publish_job = publish_job

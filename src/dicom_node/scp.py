@@ -40,7 +40,15 @@ from triage_core.db import Database
 from triage_core.settings import Destination, Settings
 
 from . import fastpath
-from .handlers import handle_echo, handle_find, handle_get, handle_move, handle_rejected, handle_store
+from .handlers import (
+    handle_echo,
+    handle_find,
+    handle_get,
+    handle_move,
+    handle_rejected,
+    handle_released,
+    handle_store,
+)
 from .ingest import IngestService
 from .policy import Admission, RefusalLog
 from .query import Catalogue
@@ -149,7 +157,7 @@ def event_handlers(settings: Settings, ingest: IngestService, database: Database
         (evt.EVT_C_MOVE, handle_move, [catalogue, lambda: settings.known_move_destinations, tls_args,
                                        settings.max_pdu_size]),
         (evt.EVT_REJECTED, handle_rejected, [refusals, settings.ae_title, list(settings.allowed_calling_aets)]),
-    ]
+    ] + ([(evt.EVT_RELEASED, handle_released, [database])] if settings.ready_on_release else [])
 
 
 def endpoints(settings: Settings) -> list[Endpoint]:

@@ -69,6 +69,9 @@ class Study(Base):
     priority: Mapped[float] = mapped_column(Float, default=0.0, index=True)
     received_at: Mapped[datetime] = mapped_column(AwareDateTime, default=utcnow)
     last_instance_at: Mapped[datetime] = mapped_column(AwareDateTime, default=utcnow, index=True)
+    #: When an association that sent instances of the study was released after its last instance:
+    #: the sender says it is done, and the quiet period ends early (CXR_TRIAGE_READY_ON_RELEASE).
+    released_at: Mapped[datetime | None] = mapped_column(AwareDateTime, nullable=True)
     updated_at: Mapped[datetime] = mapped_column(AwareDateTime, default=utcnow, onupdate=utcnow)
     model_name: Mapped[str] = mapped_column(String(128), default="")
     model_version: Mapped[str] = mapped_column(String(64), default="")

@@ -125,6 +125,9 @@ class Settings(BaseSettings):
     allowed_calling_aets: Annotated[list[str], NoDecode] = []
     export_destinations: Annotated[list[Destination], NoDecode] = []
     series_quiet_seconds: float = Field(5.0, ge=0)
+    #: A study is ready as soon as the association that sent it is released (the modality closed it
+    #: after a complete study), without waiting for the quiet period; a later instance starts it again.
+    ready_on_release: bool = True
     api_host: str = "127.0.0.1"
     api_port: int = Field(8000, ge=1, le=65535)
     model_path: Path | None = None
@@ -138,10 +141,14 @@ class Settings(BaseSettings):
     model_device: str = ""
     #: Also write a Parametric Map of the raw CAM beside each heatmap Secondary Capture.
     parametric_map: bool = True
+    #: Studies a model process scores in one batch (queued studies are claimed together, waiting at most
+    #: batch_wait_ms for them); unset = 8 on a GPU, 1 on the CPU (where a batch gains nothing).
+    batch_studies: int | None = Field(None, ge=1, le=64)
+    batch_wait_ms: float = Field(20.0, ge=0, le=1000)
     #: Heatmap Secondary Captures: longest side in pixels, how many positive findings (the most urgent)
     #: get an image each (beyond that, one overview image shows them all), JPEG baseline or none.
     heatmap_max_side: int = Field(768, ge=64, le=4096)
-    heatmap_findings: int = Field(3, ge=0, le=14)
+    heatmap_findings: int = Field(2, ge=0, le=14)
     heatmap_compression: Literal["jpeg", "none"] = "jpeg"
     #: Keep the files of result objects that a re-analysis of the study no longer
     #: makes (they are never exported again nor listed); False deletes them.
@@ -162,6 +169,9 @@ class Settings(BaseSettings):
     export_backoff_seconds: float = Field(10.0, gt=0)
     export_max_delay_seconds: float = Field(600.0, gt=0)
     export_give_up_hours: float = Field(24.0, gt=0)
+    #: A study's first export attempt runs in its model process right after the job (no queue hop);
+    #: false sends every attempt through the queue.
+    export_inline: bool = True
     log_level: str = "INFO"
     # Authentication (README "Authentication"). API keys live in the database (`cxr-triage user`).
     #: OpenID Connect issuer URL (exactly the tokens' `iss`); empty = no OIDC.

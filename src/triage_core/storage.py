@@ -59,6 +59,40 @@ def atomic_write(path: Path, write) -> int:
     return size
 
 
+def atomic_write_all(items: list[tuple[Path, object]]) -> list[int]:
+    """`atomic_write` for several files at once: every temp file is written and fsynced, then all are
+    renamed, then each directory is fsynced once (one directory fsync for a study's result objects
+    instead of one per object). Returns the sizes written, in order."""
+    staged: list[tuple[str, Path]] = []
+    sizes: list[int] = []
+    try:
+        for path, write in items:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            fd, tmp_name = tempfile.mkstemp(dir=path.parent, prefix=".incoming-", suffix=".tmp")
+            staged.append((tmp_name, path))
+            with os.fdopen(fd, "wb") as handle:
+                write(handle)
+                handle.flush()
+                os.fsync(handle.fileno())
+                sizes.append(handle.tell())
+        for tmp_name, path in staged:
+            os.replace(tmp_name, path)
+    except BaseException:
+        for tmp_name, _ in staged:
+            try:
+                os.unlink(tmp_name)
+            except FileNotFoundError:
+                pass
+        raise
+    for directory in sorted({path.parent for _, path in staged}):
+        dir_fd = os.open(directory, os.O_DIRECTORY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+    return sizes
+
+
 def sha256_file(path: Path) -> str:
     digest = hashlib.sha256()
     with open(path, "rb") as handle:

@@ -61,6 +61,7 @@ __all__ = [
     "mark_published",
     "mark_unpublished",
     "owns_job",
+    "queued_jobs",
     "release_job",
     "renew_export",
     "renew_job",
@@ -169,6 +170,14 @@ def claim_job(session: Session, job_id: int, holder: str, policy: WorkPolicy, no
         return None
     job = session.get(Job, job_id, populate_existing=True)
     return job
+
+
+def queued_jobs(session: Session, limit: int, exclude: Sequence[int] = ()) -> list[int]:
+    """Up to `limit` queued job ids, oldest first (for a worker that claims several at once)."""
+    query = select(Job.id).where(Job.status == str(JobStatus.QUEUED)).order_by(Job.id).limit(limit)
+    if exclude:
+        query = query.where(Job.id.not_in(list(exclude)))
+    return list(session.scalars(query))
 
 
 def renew_job(session: Session, job_id: int, holder: str, policy: WorkPolicy, now: datetime | None = None) -> bool:

@@ -6,6 +6,7 @@ one pass) -> SR + heatmaps (+ parametric maps) (highdicom) -> store -> priority 
 
 from __future__ import annotations
 
+import io
 import logging
 import time
 from dataclasses import dataclass
@@ -32,7 +33,7 @@ from triage_core.models import Export, Finding, Instance, Job, ResultObject, Stu
 from triage_core.priority import compute_priority, keep_priority, urgency_order
 from triage_core.settings import Settings
 from triage_core.states import AuditAction, ExportStatus, JobStatus, ResultKind, StudyStatus
-from triage_core.storage import atomic_write, result_relpath
+from triage_core.storage import atomic_write_all, result_relpath
 from triage_core.values import AlgorithmInfo, FindingResult, ImageResult
 
 log = logging.getLogger(__name__)
@@ -90,20 +91,52 @@ class _NativeCams(Mapping):
 
 
 class _Stages:
-    """Where a job's time goes: milliseconds per stage, in order (bench/pipeline_bench.py reads the log line)."""
+    """Where a job's time goes: milliseconds per stage, in order (bench/pipeline_bench.py reads the log
+    line). `queue` is the wait from the message's publication to the claim; it is not in `total`."""
 
-    def __init__(self) -> None:
-        self._start = self._last = time.perf_counter()
-        self._ms: dict[str, float] = {}
+    def __init__(self, queue: float = 0.0) -> None:
+        self._last = time.perf_counter()
+        self._ms: dict[str, float] = {"queue": queue}
 
     def mark(self, stage: str) -> None:
+        """Count the time since the last mark (or resume) as `stage`."""
         now = time.perf_counter()
-        self._ms[stage] = self._ms.get(stage, 0.0) + 1000 * (now - self._last)
+        self.add(stage, 1000 * (now - self._last))
         self._last = now
+
+    def add(self, stage: str, ms: float) -> None:
+        self._ms[stage] = self._ms.get(stage, 0.0) + ms
+
+    def resume(self) -> None:
+        """Time since the last mark went to other jobs of the batch: count it nowhere."""
+        self._last = time.perf_counter()
 
     def __str__(self) -> str:
         parts = [f"{name}={ms:.1f}" for name, ms in self._ms.items()]
-        return " ".join(parts + [f"total={1000 * (self._last - self._start):.1f}"])
+        total = sum(ms for name, ms in self._ms.items() if name != "queue")
+        return " ".join(parts + [f"total={total:.1f}"])
+
+
+@dataclass(frozen=True)
+class _Claim:
+    """A job this worker holds, and what it needs to know of its study."""
+
+    job_id: int
+    study_id: int
+    study_instance_uid: str
+    queued_ms: float
+
+
+def _warm_up_source() -> Dataset:
+    """A minimal frontal chest CR header (UIDs under 2.25, no patient) for `Pipeline.warm_up`."""
+    ds = Dataset()
+    ds.SOPClassUID = "1.2.840.10008.5.1.4.1.1.1"
+    ds.SOPInstanceUID = "2.25.1"
+    ds.StudyInstanceUID, ds.SeriesInstanceUID = "2.25.2", "2.25.3"
+    ds.Modality, ds.BodyPartExamined, ds.ViewPosition = "CR", "CHEST", "PA"
+    ds.Rows = ds.Columns = 256
+    ds.PatientName, ds.PatientID = "", ""
+    return ds
 
 
 class LeaseLost(Exception):
@@ -126,12 +159,52 @@ class Pipeline:
             self._model = self._model_loader()
         return self._model
 
+    def warm_up(self) -> None:
+        """Load the model and make one study's results from a synthetic image, so that the first real
+        study does not pay for the one-time set-ups (the SR template of this model, the JPEG encoder,
+        highdicom's IOD tables: about half a second here). Nothing is written or recorded."""
+        model = self.model
+        card: ModelCard = model.card
+        source = _warm_up_source()
+        display = np.linspace(0.0, 1.0, 256 * 256, dtype=np.float32).reshape(256, 256)
+        (prediction,) = model.predict([display], cams=True)
+        result = ImageResult(str(source.SOPInstanceUID), tuple(
+            FindingResult(name, float(prediction.probabilities[name]), float(card.thresholds[name]),
+                          float(prediction.probabilities[name]) >= float(card.thresholds[name]))
+            for name in card.labels))
+        objects = build_results([source], [display], [result], [prediction.cams], algorithm_info(card, model.runtime),
+                                parametric_maps=self.settings.parametric_map,
+                                heatmaps=self._heatmap_options(card.labels),
+                                native_cams_per_image=[_NativeCams(prediction.cams)])
+        for ds in objects:
+            ds.save_as(io.BytesIO(), enforce_file_format=True)
+
     # -- the job -------------------------------------------------------------------------
 
     def run_job(self, job_id: int) -> JobOutcome:
+        """Run job `job_id` (and, with batching, other queued jobs with it); its outcome."""
+        return self.run_jobs(job_id)[0]
+
+    def run_jobs(self, job_id: int) -> list[JobOutcome]:
         """Claim the job (a duplicate or late message finds it held or finished and does nothing),
-        hold its lease while working, and finish it only while still holding it."""
+        hold its lease while working, and finish it only while still holding it. With
+        CXR_TRIAGE_BATCH_STUDIES > 1 (a GPU's default), other queued jobs are claimed too, within
+        CXR_TRIAGE_BATCH_WAIT_MS, and their images go through the model in one batch; their own
+        messages then find them finished. The outcome of `job_id` comes first."""
         holder = work.holder_id()
+        first = self._claim(job_id, holder)
+        if isinstance(first, JobOutcome):
+            return [first]
+        claims = [first] + self._claim_more(holder, first.job_id)
+        job_ids = [c.job_id for c in claims]
+
+        def renew(session) -> bool:
+            return all([work.renew_job(session, j, holder, self.policy) for j in job_ids])
+
+        with LeaseKeeper(self.database, renew, self.policy, f"job {' '.join(map(str, job_ids))}"):
+            return self._process(claims, holder)
+
+    def _claim(self, job_id: int, holder: str) -> "_Claim | JobOutcome":
         with self.database.session() as session:
             job = work.claim_job(session, job_id, holder, self.policy)
             if job is None:
@@ -155,24 +228,30 @@ class Pipeline:
                 return JobOutcome("SUPERSEDED", job.error)
             audit.set_status(session, study, StudyStatus.PROCESSING, actor=ACTOR,
                              reason=f"job {job_id} (attempt {job.attempts} of {self.policy.max_attempts})")
-            study_id = study.id
-        log.info("job %s: processing study id %s (attempt %d)", job_id, study_id, job.attempts)
-        renew = lambda session: work.renew_job(session, job_id, holder, self.policy)  # noqa: E731
-        with LeaseKeeper(self.database, renew, self.policy, f"job {job_id}"):
-            try:
-                return self._process(job_id, study_id, holder)
-            except LeaseLost:
-                log.warning("job %s (study id %s): its lease was taken back while it ran; its results are "
-                            "left to the worker that holds it now", job_id, study_id)
-                return JobOutcome("LOST")
-            except Exception as exc:
-                log.exception("job %s (study id %s) failed", job_id, study_id)
-                reason = f"{type(exc).__name__}: {exc}"[:2000]
-                with self.database.session() as session:
-                    job = self._owned(session, job_id, holder)
-                    self._finish(session, job, session.get(Study, study_id), StudyStatus.FAILED, reason,
-                                 job_error=reason)
-                return JobOutcome(str(StudyStatus.FAILED), reason)
+            queued = (job.started_at - job.enqueued_at).total_seconds() * 1000 if job.enqueued_at else 0.0
+            log.info("job %s: processing study id %s (attempt %d)", job_id, study.id, job.attempts)
+            return _Claim(job_id, study.id, study.study_instance_uid, queued)
+
+    def _claim_more(self, holder: str, first: int) -> list["_Claim"]:
+        """Up to CXR_TRIAGE_BATCH_STUDIES - 1 more queued jobs, waiting at most CXR_TRIAGE_BATCH_WAIT_MS."""
+        limit = (self.settings.batch_studies or 1) - 1
+        if limit <= 0:
+            return []
+        deadline = time.monotonic() + self.settings.batch_wait_ms / 1000
+        more: list[_Claim] = []
+        while len(more) < limit:
+            with self.database.session() as session:
+                candidates = work.queued_jobs(session, limit - len(more), exclude=[first] + [c.job_id for c in more])
+            for candidate in candidates:
+                claim = self._claim(candidate, holder)
+                if isinstance(claim, _Claim):
+                    more.append(claim)
+            if len(more) >= limit or time.monotonic() >= deadline:
+                break
+            time.sleep(min(0.005, max(0.0, deadline - time.monotonic())))
+        if more:
+            log.info("batch: job %s with job(s) %s", first, [c.job_id for c in more])
+        return more
 
     @staticmethod
     def _owned(session, job_id: int, holder: str) -> Job:
@@ -192,30 +271,81 @@ class Pipeline:
         audit.set_status(session, study, status, actor=ACTOR, reason=reason)
         return True
 
-    def _process(self, job_id: int, study_id: int, holder: str) -> JobOutcome:
-        stages = _Stages()
-        with self.database.session() as session:
-            instances = session.scalars(
-                select(Instance).where(Instance.study_id == study_id).order_by(Instance.id)
-            ).all()
-            study_uid = session.get(Study, study_id).study_instance_uid
-            records = [(i.id, i.sop_instance_uid, i.path, i.sha256) for i in instances]
+    def _process(self, claims: list["_Claim"], holder: str) -> list[JobOutcome]:
+        """Select each study's images, score all of them in one model call, then build, write and
+        record each study's results. A failure ends only the job it belongs to."""
+        outcomes: dict[int, JobOutcome] = {}
+        prepared: list[tuple[_Claim, _Stages, list[Selected], list[str], dict[int, str]]] = []
+        for claim in claims:
+            stages = _Stages(queue=claim.queued_ms)
+            try:
+                selected, refusals, reasons = self._select(claim.study_id)
+                stages.mark("select")
+                if selected:
+                    prepared.append((claim, stages, selected, refusals, reasons))
+                    continue
+                reason = "no eligible frontal chest radiograph: " + "; ".join(refusals or ["no instances"])
+                with self.database.session() as session:
+                    self._record_eligibility(session, claim.study_id, reasons)
+                    self._finish(session, self._owned(session, claim.job_id, holder),
+                                 session.get(Study, claim.study_id), StudyStatus.SKIPPED, reason)
+                log.info("job %s: study id %s SKIPPED (%d instance(s) ineligible)", claim.job_id, claim.study_id,
+                         len(refusals))
+                outcomes[claim.job_id] = JobOutcome(str(StudyStatus.SKIPPED), reason)
+            except Exception as exc:
+                outcomes[claim.job_id] = self._failed(claim, holder, exc)
+        if prepared:
+            model = self.model
+            images = [s for _, _, selected, _, _ in prepared for s in selected]
+            started = time.perf_counter()
+            try:
+                predictions = model.predict([s.display for s in images], cams=True,
+                                            metadata=[s.dataset for s in images])
+            except Exception as exc:
+                predictions = None  # one study's images may be at fault: each study on its own below
+                if len(prepared) == 1:
+                    claim = prepared[0][0]
+                    outcomes[claim.job_id] = self._failed(claim, holder, exc)
+                    prepared = []
+            model_ms = 1000 * (time.perf_counter() - started)
+            offset = 0
+            for claim, stages, selected, refusals, reasons in prepared:
+                try:
+                    stages.resume()
+                    if predictions is not None:
+                        own = predictions[offset:offset + len(selected)]
+                        stages.add("model", model_ms * len(selected) / len(images))
+                    else:
+                        own = model.predict([s.display for s in selected], cams=True,
+                                            metadata=[s.dataset for s in selected])
+                        stages.mark("model")
+                    offset += len(selected)
+                    outcomes[claim.job_id] = self._results(claim, holder, stages, selected, refusals, reasons, own)
+                except LeaseLost:
+                    log.warning("job %s (study id %s): its lease was taken back while it ran; its results are "
+                                "left to the worker that holds it now", claim.job_id, claim.study_id)
+                    outcomes[claim.job_id] = JobOutcome("LOST")
+                except Exception as exc:
+                    outcomes[claim.job_id] = self._failed(claim, holder, exc)
+        return [outcomes[claim.job_id] for claim in claims]
 
-        selected, refusals = self._select(records)
-        stages.mark("select")
-        if not selected:
-            reason = "no eligible frontal chest radiograph: " + "; ".join(refusals or ["no instances"])
+    def _failed(self, claim: "_Claim", holder: str, exc: BaseException) -> JobOutcome:
+        log.error("job %s (study id %s) failed", claim.job_id, claim.study_id, exc_info=exc)
+        reason = f"{type(exc).__name__}: {exc}"[:2000]
+        try:
             with self.database.session() as session:
-                self._finish(session, self._owned(session, job_id, holder), session.get(Study, study_id),
-                             StudyStatus.SKIPPED, reason)
-            log.info("job %s: study id %s SKIPPED (%d instance(s) ineligible)", job_id, study_id, len(refusals))
-            return JobOutcome(str(StudyStatus.SKIPPED), reason)
+                job = self._owned(session, claim.job_id, holder)
+                self._finish(session, job, session.get(Study, claim.study_id), StudyStatus.FAILED, reason,
+                             job_error=reason)
+        except LeaseLost:
+            return JobOutcome("LOST")
+        return JobOutcome(str(StudyStatus.FAILED), reason)
 
-        model = self.model
-        card: ModelCard = model.card
-        algorithm = algorithm_info(card, model.runtime)
-        predictions = model.predict([s.display for s in selected], cams=True, metadata=[s.dataset for s in selected])
-        stages.mark("model")
+    def _results(self, claim: "_Claim", holder: str, stages: "_Stages", selected: list[Selected],
+                 refusals: list[str], reasons: dict[int, str], predictions) -> JobOutcome:
+        job_id, study_id, study_uid = claim.job_id, claim.study_id, claim.study_instance_uid
+        card: ModelCard = self.model.card
+        algorithm = algorithm_info(card, self.model.runtime)
         image_results = [
             ImageResult(
                 sop_instance_uid=str(s.dataset.SOPInstanceUID),
@@ -230,7 +360,7 @@ class Pipeline:
                     for name in card.labels
                 ),
             )
-            for s, prediction in zip(selected, predictions)
+            for s, prediction in zip(selected, predictions, strict=True)
         ]
         objects = build_results(
             [s.dataset for s in selected],
@@ -255,6 +385,7 @@ class Pipeline:
         with self.database.session() as session:
             job = self._owned(session, job_id, holder)  # and locked until this transaction ends
             study = session.get(Study, study_id)
+            self._record_eligibility(session, study_id, reasons)
             session.execute(delete(Finding).where(Finding.study_id == study_id))
             for result in image_results:
                 for finding in result.findings:
@@ -263,8 +394,11 @@ class Pipeline:
                         probability=finding.probability, threshold=finding.threshold, present=finding.present,
                     ))
             now = datetime.now(timezone.utc)
+            existing = {row.sop_instance_uid: row for row in session.scalars(
+                select(ResultObject).where(ResultObject.sop_instance_uid.in_(
+                    [str(ds.SOPInstanceUID) for _, ds, *_ in written])))}
             for kind, ds, relpath, source_uid, finding in written:
-                row = session.scalar(select(ResultObject).where(ResultObject.sop_instance_uid == str(ds.SOPInstanceUID)))
+                row = existing.get(str(ds.SOPInstanceUID))
                 if row is None:
                     row = ResultObject(sop_instance_uid=str(ds.SOPInstanceUID), study_id=study_id)
                     session.add(row)
@@ -298,6 +432,15 @@ class Pipeline:
         log.info("job %s: study id %s %s, priority %.1f, %d result object(s), model %s %s", job_id, study_id,
                  "DONE" if done else "superseded", priority, len(written), algorithm.name, algorithm.version)
         return JobOutcome(str(StudyStatus.DONE), reason, tuple(export_ids))
+
+    @staticmethod
+    def _record_eligibility(session, study_id: int, reasons: dict[int, str]) -> None:
+        """Each instance's eligibility (`reasons`: why an instance is not analysed), in the job's final
+        transaction rather than one commit per instance."""
+        for instance in session.scalars(select(Instance).where(Instance.study_id == study_id)):
+            reason = reasons.get(instance.id, "")
+            instance.eligible = not reason
+            instance.eligibility_reason = reason
 
     def _heatmap_options(self, labels) -> HeatmapOptions:
         return HeatmapOptions(max_side=self.settings.heatmap_max_side, per_finding=self.settings.heatmap_findings,
@@ -342,9 +485,15 @@ class Pipeline:
             log.info("study id %s: %d earlier result object(s) superseded", study.id, len(stale))
         return [self.settings.results_dir / row.path for row in stale]
 
-    def _select(self, records: Sequence[tuple[int, str, str, str]]) -> tuple[list[Selected], list[str]]:
+    def _select(self, study_id: int) -> tuple[list[Selected], list[str], dict[int, str]]:
+        """Read, check and decode the study's instances: the eligible ones, and why the others are not
+        (recorded on the instances in the job's final transaction)."""
+        with self.database.session() as session:
+            records = [(i.id, i.sop_instance_uid, i.path, i.sha256) for i in session.scalars(
+                select(Instance).where(Instance.study_id == study_id).order_by(Instance.id))]
         selected: list[Selected] = []
         refusals: list[str] = []
+        reasons: dict[int, str] = {}
         for instance_id, sop_uid, relpath, sha256 in records:
             path = self.settings.instances_dir / relpath
             reason = ""
@@ -359,16 +508,13 @@ class Pipeline:
                 reason = str(exc)
             except Exception as exc:
                 reason = f"unreadable DICOM: {type(exc).__name__}: {exc}"
-            with self.database.session() as session:
-                instance = session.get(Instance, instance_id)
-                instance.eligible = not reason
-                instance.eligibility_reason = reason
             if reason:
                 refusals.append(f"{sop_uid}: {reason}")
+                reasons[instance_id] = reason
                 log.info("SOP %s not analysed: %s", sop_uid, reason)
             else:
                 selected.append(Selected(instance_id, ds, display, sha256))
-        return selected, refusals
+        return selected, refusals, reasons
 
     def _write_results(self, study_uid: str, objects, algorithm: AlgorithmInfo):
         written = []
@@ -383,9 +529,12 @@ class Pipeline:
             frame = ds.PerFrameFunctionalGroupsSequence[0]
             source = frame.DerivationImageSequence[0].SourceImageSequence
             pairs.append((str(ResultKind.PARAMETRIC_MAP), ds, str(source[0].ReferencedSOPInstanceUID), finding))
+        files = []
         for kind, ds, source_uid, finding in pairs:
             relpath = result_relpath(study_uid, str(ds.SOPInstanceUID))
-            atomic_write(self.settings.results_dir / relpath, lambda handle, ds=ds: ds.save_as(handle, enforce_file_format=True))
+            files.append((self.settings.results_dir / relpath,
+                          lambda handle, ds=ds: ds.save_as(handle, enforce_file_format=True)))
             written.append((kind, ds, relpath, source_uid, finding))
+        atomic_write_all(files)  # durable before the transaction that records them commits
         return written
 

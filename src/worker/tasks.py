@@ -9,6 +9,7 @@ PACS that is down for hours loses nothing.
 from __future__ import annotations
 
 import logging
+from concurrent.futures import ThreadPoolExecutor
 from typing import Callable
 
 from celery import Celery
@@ -29,17 +30,50 @@ def register_tasks(app: Celery, settings: Settings, database: Database, model_lo
     pipeline = Pipeline(settings, database, model_loader)
     publisher = Publisher(app)
 
+    exporter = InlineExporter(settings, database, publisher)
+
     @app.task(name=PROCESS_STUDY, queue=QUEUE, acks_late=True, ignore_result=True)
     def process_study(job_id: int) -> str:
-        outcome = pipeline.run_job(int(job_id))
-        publish_exports(database, publisher, outcome.export_ids)
-        return outcome.status
+        outcomes = pipeline.run_jobs(int(job_id))
+        exporter.submit([export_id for outcome in outcomes for export_id in outcome.export_ids])
+        return outcomes[0].status
 
     @app.task(name=EXPORT_RESULTS, queue=QUEUE, acks_late=True, ignore_result=True)
     def export_results(export_id: int) -> str:
         return export_once(settings, database, int(export_id))
 
     return pipeline
+
+
+class InlineExporter:
+    """The first attempt of a study's exports, right after its job, in a thread of the model process
+    (no queue hop, and the process goes on to its next study meanwhile). An export that fails is
+    rescheduled in SQL and the sweeper publishes its next attempt; one this thread could not take
+    (the process died first) is published by the sweeper after CXR_TRIAGE_REQUEUE_AFTER_SECONDS.
+    With CXR_TRIAGE_EXPORT_INLINE=false every export goes through the queue."""
+
+    def __init__(self, settings: Settings, database: Database, publisher: Publisher) -> None:
+        self.settings, self.database, self.publisher = settings, database, publisher
+        self._pool: ThreadPoolExecutor | None = None
+
+    def submit(self, export_ids: list[int]) -> None:
+        if not export_ids:
+            return
+        if not self.settings.export_inline:
+            publish_exports(self.database, self.publisher, export_ids)
+            return
+        with self.database.session() as session:  # in flight: the sweeper leaves them to us
+            work.mark_published(session, export_ids=export_ids)
+        if self._pool is None:  # made in the process that uses it (prefork children fork first)
+            self._pool = ThreadPoolExecutor(max_workers=2, thread_name_prefix="export")
+        for export_id in export_ids:
+            self._pool.submit(self._run, export_id)
+
+    def _run(self, export_id: int) -> None:
+        try:
+            export_once(self.settings, self.database, export_id)
+        except Exception:  # rescheduled or taken back by the sweeper: nothing is lost
+            log.exception("inline export %s failed; the sweeper will take it up", export_id)
 
 
 def publish_exports(database: Database, publisher: Publisher, export_ids: tuple[int, ...] | list[int]) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import shutil
+import time
 from datetime import datetime, timedelta, timezone
 
 import pydicom
@@ -16,7 +17,7 @@ from sqlalchemy import func, select
 from dicom_node.ingest import IngestService
 from dicom_node.readiness import mark_quiet_studies_ready, send_pending_jobs
 from dicom_node.scp import start_scp
-from tests.conftest import DATA, free_port, need, storescu
+from tests.conftest import DATA, free_port, need, storescu, wait_until
 from triage_core.db import Database
 from triage_core.models import AuditEvent, Base, Instance, Job, Study
 from triage_core.settings import Settings
@@ -192,3 +193,31 @@ def test_storescu_sends_compressed_and_uncompressed(node):
         syntaxes = set(session.scalars(select(Instance.transfer_syntax_uid)))
     assert "1.2.840.10008.1.2.4.50" in syntaxes  # JPEG baseline kept as sent
     assert "1.2.840.10008.1.2.4.91" in syntaxes  # JPEG 2000 kept as sent
+
+
+@pytest.mark.parametrize("ready_on_release", [True, False])
+def test_a_released_association_ends_the_quiet_period(tmp_path, ready_on_release):
+    """The modality released the association after the study: ready at once, not after the quiet period
+    (CXR_TRIAGE_READY_ON_RELEASE); a later instance starts the wait again."""
+    settings = Settings(data_dir=tmp_path / "var", dicom_port=free_port(), dicom_host="127.0.0.1",
+                        ae_title="NODE_TEST", ready_on_release=ready_on_release)
+    settings.ensure_dirs()
+    database = Database(settings.database_url)
+    Base.metadata.create_all(database.engine)
+    server = start_scp(settings, IngestService(settings, database))
+    try:
+        assoc = _associate(settings)
+        assert assoc.send_c_store(pydicom.dcmread(CHEST)).Status == 0x0000
+        assert mark_quiet_studies_ready(database, 60.0) == []  # still associated: wait
+        assoc.release()
+        ready = lambda: mark_quiet_studies_ready(database, 60.0)  # noqa: E731
+        if ready_on_release:
+            (job_id,) = wait_until(ready, 5, interval=0.05, what="the study to be ready after the release")
+            with database.session() as session:
+                assert session.scalar(select(Study)).status_reason == "the sending association was released"
+        else:
+            time.sleep(0.5)
+            assert ready() == []
+    finally:
+        server.shutdown()
+        database.dispose()

@@ -13,7 +13,7 @@ from dicom_node.ingest import IngestService
 from dicom_node.readiness import mark_quiet_studies_ready
 from tests.conftest import DATA, free_port
 from triage_core.db import Database
-from triage_core.models import AuditEvent, Base, Export, Finding, Job, ResultObject, Study
+from triage_core.models import AuditEvent, Base, Export, Finding, Instance, Job, ResultObject, Study
 from triage_core.priority import compute_priority
 from triage_core.settings import Settings
 from triage_core.values import FindingResult
@@ -176,3 +176,49 @@ def test_export_to_orthanc_stores_every_result_object(env, orthanc):
     assert export_once(settings, database, export.id) == "EXPORTED"
     stored = {orthanc.get(f"/instances/{i}")["MainDicomTags"]["SOPInstanceUID"] for i in orthanc.get("/instances")}
     assert uids <= stored
+
+
+def test_queued_studies_are_scored_in_one_batch(env, tmp_path):
+    """CXR_TRIAGE_BATCH_STUDIES (a GPU worker's default 8): one task claims the queued studies, the model
+    scores their images in one call, and the other jobs' own messages then find them done. A study that
+    fails in the batch fails alone."""
+    settings, database, ingest, pipeline = env
+    settings.batch_studies, settings.batch_wait_ms = 4, 50
+    base = pydicom.dcmread(CHEST)
+    for number in range(3):
+        ds = pydicom.dcmread(CHEST)
+        ds.StudyInstanceUID, ds.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+        ds.file_meta.MediaStorageSOPInstanceUID = ds.SOPInstanceUID
+        ds.save_as(tmp_path / f"{number}.dcm", enforce_file_format=True)
+        _receive(ingest, tmp_path / f"{number}.dcm")
+    broken = pydicom.dcmread(CHEST)
+    broken.StudyInstanceUID, broken.SOPInstanceUID = pydicom.uid.generate_uid(), pydicom.uid.generate_uid()
+    broken.file_meta.MediaStorageSOPInstanceUID = broken.SOPInstanceUID
+    broken.save_as(tmp_path / "broken.dcm", enforce_file_format=True)
+    _receive(ingest, tmp_path / "broken.dcm")
+    with database.session() as session:  # its file is damaged on disk after it was received
+        instance = session.scalar(select(Instance).where(Instance.sop_instance_uid == broken.SOPInstanceUID))
+        (settings.instances_dir / instance.path).write_bytes(b"DICM-not-any-more")
+    job_ids = mark_quiet_studies_ready(database, 0, now=datetime.now(timezone.utc) + timedelta(seconds=1))
+    assert len(job_ids) == 4 and base.StudyInstanceUID
+
+    calls = []
+    model = pipeline.model
+    original = model.predict
+
+    def counting(images, **kwargs):
+        calls.append(len(images))
+        return original(images, **kwargs)
+
+    model.predict = counting
+    try:
+        outcomes = pipeline.run_jobs(job_ids[0])
+    finally:
+        model.predict = original
+    assert calls == [3]  # three studies' images in one call; the broken one never reached the model
+    assert sorted(o.status for o in outcomes) == ["DONE", "DONE", "DONE", "SKIPPED"]
+    assert all(pipeline.run_job(job_id).status in ("DONE", "FAILED") for job_id in job_ids[1:])  # late messages
+    with database.session() as session:
+        statuses = sorted(s.status for s in session.scalars(select(Study)))
+        assert statuses == ["DONE", "DONE", "DONE", "SKIPPED"]
+        assert session.scalar(select(func.count()).select_from(Job).where(Job.status == "DONE")) == 4

@@ -21,11 +21,11 @@ def test_parametric_maps_are_stored_beside_the_heatmaps(env):  # noqa: F811
         rows = session.scalars(select(ResultObject)).all()
         heatmaps = {r.finding: r for r in rows if r.kind == "HEATMAP"}
         maps = {r.finding: r for r in rows if r.kind == "PARAMETRIC_MAP"}
-        # One map of the image holding every finding's CAM; heatmap images for the most urgent three
+        # One map of the image holding every finding's CAM; heatmap images for the most urgent two
         # positive findings, and an overview of all of them when there are more.
         assert list(maps) == ["all"]
         positives = session.scalar(select(func.count()).select_from(Finding).where(Finding.present.is_(True)))
-        assert len(heatmaps) == min(3, max(1, positives)) + (positives > 3)
+        assert len(heatmaps) == min(2, max(1, positives)) + (positives > 2)
         header = pydicom.dcmread(settings.results_dir / maps["all"].path, stop_before_pixels=True)
         assert (header.Rows, header.NumberOfFrames) == (7, 14)
         source_uid = str(pydicom.dcmread(CHEST, stop_before_pixels=True).SOPInstanceUID)

@@ -448,7 +448,7 @@ def test_result_volume_stays_within_the_budget(positives: int, tmp_path: Path) -
     objects = build_results([source], [display_array(source)], [result], [_cams()], DEMO, native_cams_per_image=[native])
     sizes = [len(_encoded(ds)) for ds in objects]
     assert sum(sizes) <= 3_000_000, sizes
-    assert len(objects.heatmaps) == min(positives, 3) + (positives > 3)
+    assert len(objects.heatmaps) == min(positives, 2) + (positives > 2)
     (pm,) = objects.parametric_maps  # every finding's map, one frame each
     assert (pm.Rows, pm.Columns, pm.NumberOfFrames) == (7, 7, 14)
     print(f"\n{positives} positive: {sum(sizes) / 1e6:.2f} MB in {len(sizes)} objects")
