@@ -560,6 +560,10 @@ def run_api(settings: Settings) -> None:
     # such as a QIDO PatientID, stay at WARNING like the other libraries).
     config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None)
     log.info("API on http://%s:%s (health /health/ready, metrics /metrics)", settings.api_host, settings.api_port)
+    # uvicorn re-raises the SIGTERM/SIGINT it handled once it has shut down gracefully: let that
+    # land on a handler that does nothing, so that a clean stop exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
         uvicorn.Server(config).run()
     finally:

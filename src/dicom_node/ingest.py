@@ -21,7 +21,7 @@ from triage_core.db import Database
 from triage_core.models import Instance, Study
 from triage_core.settings import Settings
 from triage_core.states import AuditAction, AuditOutcome, StudyStatus
-from triage_core.storage import atomic_write, instance_relpath, is_valid_uid
+from triage_core.storage import instance_relpath, is_valid_uid
 
 log = logging.getLogger(__name__)
 ACTOR = audit.SYSTEM_ACTORS["node"]
@@ -101,7 +101,6 @@ class IngestService:
             return self._refuse(CANNOT_UNDERSTAND, problem, calling_ae_title, sop_uid, study_uid)
 
         relpath = instance_relpath(study_uid, sop_uid)
-        path = self.settings.instances_dir / relpath
         digest = hashlib.sha256(encoded).hexdigest()
         with self._lock:
             try:
@@ -115,7 +114,7 @@ class IngestService:
                         calling_ae_title, sop_uid, existing[0], claimed_study_instance_uid=study_uid)
                 if existing is not None and existing[1] == digest:
                     return self._record_duplicate(study_uid, sop_uid, calling_ae_title)
-                atomic_write(path, lambda handle: handle.write(encoded))
+                self.settings.storage.instances.write_bytes(relpath, encoded)  # durable before we answer
             except OSError as exc:
                 log.error("C-STORE of SOP %s could not be written: %s", sop_uid, exc)
                 return StoreOutcome(OUT_OF_RESOURCES, reason=f"storage error: {exc.strerror or exc}")

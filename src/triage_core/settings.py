@@ -369,6 +369,13 @@ class Settings(BaseSettings):
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
 
+    @cached_property
+    def storage(self):
+        """Instances and results (triage_core.storage): local files, or an S3-compatible store."""
+        from .storage import make_storage
+
+        return make_storage(self)
+
     @property
     def uses_embedded_broker(self) -> bool:
         return self.broker_url.startswith("sqla+")

@@ -3,8 +3,7 @@
 from __future__ import annotations
 
 import logging
-
-from pathlib import Path
+from contextlib import ExitStack
 
 from sqlalchemy import select
 
@@ -41,14 +40,16 @@ def export_once(settings: Settings, database: Database, export_id: int, *, now=N
             return "HELD" if existing.locked_until is not None else "NOT_DUE"
         destination = Destination.parse(export.destination)
         study_id = export.study_id
-    paths = result_paths(settings, database, study_id)
+    keys = result_keys(database, study_id)
     error = ""
     renew = lambda session: work.renew_export(session, export_id, holder, policy)  # noqa: E731
     with LeaseKeeper(database, renew, policy, f"export {export_id}"):
         try:
-            if not paths:
+            if not keys:
                 raise ExportError("no result objects to export")
-            send_files(destination, paths, calling_ae_title=settings.ae_title)
+            with ExitStack() as files:  # the files themselves, or local copies from an object store
+                paths = [files.enter_context(settings.storage.results.local_path(key)) for key in keys]
+                send_files(destination, paths, calling_ae_title=settings.ae_title)
         except (ExportError, OSError) as exc:
             error = str(exc) or type(exc).__name__
     with database.session() as session:
@@ -70,12 +71,12 @@ def export_once(settings: Settings, database: Database, export_id: int, *, now=N
     return str(status)
 
 
-def result_paths(settings: Settings, database: Database, study_id: int) -> list[Path]:
-    """The files of the study's current result objects (never superseded ones)."""
+def result_keys(database: Database, study_id: int) -> list[str]:
+    """The storage keys of the study's current result objects (never superseded ones)."""
     with database.session() as session:
         rows = session.scalars(
             select(ResultObject)
             .where(ResultObject.study_id == study_id, ResultObject.superseded_at.is_(None))
             .order_by(ResultObject.id)
         ).all()
-        return [settings.results_dir / row.path for row in rows]
+        return [row.path for row in rows]

@@ -29,7 +29,7 @@ from triage_core.models import Export, Finding, Instance, Job, ResultObject, Stu
 from triage_core.priority import compute_priority, keep_priority
 from triage_core.settings import Settings
 from triage_core.states import AuditAction, ExportStatus, JobStatus, ResultKind, StudyStatus
-from triage_core.storage import atomic_write, result_relpath
+from triage_core.storage import result_relpath
 from triage_core.values import AlgorithmInfo, FindingResult, ImageResult
 
 log = logging.getLogger(__name__)
@@ -245,8 +245,8 @@ class Pipeline:
             ]
             done = self._finish(session, job, study, StudyStatus.DONE, reason)
         if not self.settings.keep_superseded_results:
-            for path in retired:
-                path.unlink(missing_ok=True)
+            for relpath in retired:
+                self.settings.storage.results.delete(relpath)
         log.info("job %s: study id %s %s, priority %.1f, %d result object(s), model %s %s", job_id, study_id,
                  "DONE" if done else "superseded", priority, len(written), algorithm.name, algorithm.version)
         return JobOutcome(str(StudyStatus.DONE), reason, tuple(export_ids))
@@ -270,7 +270,7 @@ class Pipeline:
                 earlier.append(ds)
             return earlier
 
-    def _retire_superseded(self, session, study: Study, current: set[str], now: datetime) -> list[Path]:
+    def _retire_superseded(self, session, study: Study, current: set[str], now: datetime) -> list[str]:
         """Mark the study's result objects that this analysis did not make as superseded.
 
         They are never exported again nor listed by the API. Returns the files
@@ -288,16 +288,16 @@ class Pipeline:
                          file_kept=bool(self.settings.keep_superseded_results))
         if stale:
             log.info("study id %s: %d earlier result object(s) superseded", study.id, len(stale))
-        return [self.settings.results_dir / row.path for row in stale]
+        return [row.path for row in stale]
 
     def _select(self, records: Sequence[tuple[int, str, str, str]]) -> tuple[list[Selected], list[str]]:
         selected: list[Selected] = []
         refusals: list[str] = []
         for instance_id, sop_uid, relpath, sha256 in records:
-            path = self.settings.instances_dir / relpath
             reason = ""
             try:
-                ds = dcmread(path)
+                with self.settings.storage.instances.open(relpath) as handle:
+                    ds = dcmread(handle)
                 eligibility = check_eligibility(ds)
                 if eligibility.eligible:
                     display = display_array(ds)
@@ -333,7 +333,7 @@ class Pipeline:
             pairs.append((str(ResultKind.PARAMETRIC_MAP), ds, str(source[0].ReferencedSOPInstanceUID), finding))
         for kind, ds, source_uid, finding in pairs:
             relpath = result_relpath(study_uid, str(ds.SOPInstanceUID))
-            atomic_write(self.settings.results_dir / relpath, lambda handle, ds=ds: ds.save_as(handle, enforce_file_format=True))
+            self.settings.storage.results.write(relpath, lambda handle, ds=ds: ds.save_as(handle, enforce_file_format=True))
             written.append((kind, ds, relpath, source_uid, finding))
         return written
 
