@@ -97,7 +97,8 @@ class Service:
         return self.process.returncode
 
     def text(self) -> str:
-        self.log.flush()
+        if not self.log.closed:
+            self.log.flush()
         return self.log_path.read_text(errors="replace")
 
 
