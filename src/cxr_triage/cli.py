@@ -63,7 +63,7 @@ def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="cxr-triage", description="Chest radiograph triage service.",
                                      formatter_class=_Formatter)
     parser.add_argument("--version", action="version", version=f"%(prog)s {runtime.package_version()}")
-    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND", help="one of these (each has --help)")
     _command(sub, "serve", "node + worker + API on one machine, supervised (a dead one is restarted)",
              _settings_epilog(*_SERVICE_SETTINGS["serve"]))
     _command(sub, "node", "the DICOM SCP (C-ECHO, C-STORE) and the scheduler (quiet period, sweeper)",
@@ -80,10 +80,10 @@ def _parser() -> argparse.ArgumentParser:
                              "loaded; api: GET /health/live on the local port")
     health.add_argument("--json", action="store_true", dest="as_json", help="print the checks as JSON")
     db = _command(sub, "db", "database maintenance")
-    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND")
+    db_sub = db.add_subparsers(dest="db_command", required=True, metavar="DB_COMMAND", help="one of these (each has --help)")
     _command(db_sub, "upgrade", "apply the migrations (packaged with cxr-triage) to CXR_TRIAGE_DATABASE_URL")
     export = _command(sub, "export", "result exports to PACS")
-    export_sub = export.add_subparsers(dest="export_command", required=True, metavar="EXPORT_COMMAND")
+    export_sub = export.add_subparsers(dest="export_command", required=True, metavar="EXPORT_COMMAND", help="one of these (each has --help)")
     retry = _command(export_sub, "retry", "send a study's results again, or every export that gave up (audited)")
     which = retry.add_mutually_exclusive_group(required=True)
     which.add_argument("--study", metavar="STUDY_INSTANCE_UID", help="every export of this study")
@@ -96,7 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                            "the API runs on loopback with no authentication configured)")
 
     user = _command(sub, "user", "API users and their keys (radiologist, auditor, admin)")
-    user_sub = user.add_subparsers(dest="user_command", required=True, metavar="USER_COMMAND")
+    user_sub = user.add_subparsers(dest="user_command", required=True, metavar="USER_COMMAND", help="one of these (each has --help)")
     add = _command(user_sub, "add", "create a user and print its API key (once: only its hash is stored)")
     add.add_argument("name", help="user name (letters, digits, . _ @ -)")
     add.add_argument("--role", required=True, choices=[r.value for r in Role], help="what the user may do")
@@ -105,11 +105,11 @@ def _parser() -> argparse.ArgumentParser:
     revoke.add_argument("name", help="user name")
 
     audit_cmd = _command(sub, "audit", "the audit trail")
-    audit_sub = audit_cmd.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND")
+    audit_sub = audit_cmd.add_subparsers(dest="audit_command", required=True, metavar="AUDIT_COMMAND", help="one of these (each has --help)")
     _command(audit_sub, "verify", "check the hash chain; exit 1 naming the first altered, removed or reordered event")
 
     model = _command(sub, "model", "model directories: info, import, train, evaluate, calibrate, make-phantoms")
-    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND")
+    model_sub = model.add_subparsers(dest="model_command", required=True, metavar="MODEL_COMMAND", help="one of these (each has --help)")
     info = _command(model_sub, "info", "print a model card")
     info.add_argument("model_dir", type=Path, nargs="?", help="model directory (default: CXR_TRIAGE_MODEL_PATH, "
                                                                "else the bundled demo model)")

@@ -280,8 +280,8 @@ class TimedModel:
 
         started = time.perf_counter()
         result = self._model.predict(images, *args, **kwargs)
-        metrics.MODEL_SECONDS.labels(self._model.runtime).observe(time.perf_counter() - started)
-        metrics.MODEL_IMAGES.labels(self._model.runtime).inc(len(images))
+        metrics.worker().model_seconds.labels(self._model.runtime).observe(time.perf_counter() - started)
+        metrics.worker().model_images.labels(self._model.runtime).inc(len(images))
         return result
 
     def describe(self) -> dict:
@@ -361,19 +361,19 @@ class InstrumentedIngest:
         try:
             outcome = self._ingest.store(*args, **kwargs)
         except Exception:
-            metrics.INSTANCES_REFUSED.labels("0xA700").inc()
+            metrics.node().instances_refused.labels("0xA700").inc()
             raise
-        metrics.CSTORE_SECONDS.observe(time.perf_counter() - started)
+        metrics.node().cstore_seconds.observe(time.perf_counter() - started)
         if is_success(outcome.status):
-            metrics.INSTANCES_RECEIVED.labels("duplicate" if outcome.duplicate else "stored").inc()
+            metrics.node().instances_received.labels("duplicate" if outcome.duplicate else "stored").inc()
         else:
-            metrics.INSTANCES_REFUSED.labels(f"0x{outcome.status:04X}").inc()
+            metrics.node().instances_refused.labels(f"0x{outcome.status:04X}").inc()
         return outcome
 
     def association_rejected(self, **kwargs) -> None:
         from triage_core import metrics
 
-        metrics.ASSOCIATIONS_REJECTED.inc()
+        metrics.node().associations_rejected.inc()
         self._ingest.association_rejected(**kwargs)
 
 
@@ -494,10 +494,10 @@ def run_worker(settings: Settings) -> None:
         database.engine.dispose(close=False)
         try:
             pipeline.model
-            metrics.MODEL_LOADED.set(1)
+            metrics.worker().model_loaded.set(1)
         except Exception as exc:
             state["error"] = f"{type(exc).__name__}: {exc}"[:2000]
-            metrics.MODEL_LOADED.set(0)
+            metrics.worker().model_loaded.set(0)
             log.exception("model failed to load; jobs will fail with the reason until it does")
         state["heartbeat"] = HeartbeatThread(database, "worker", settings.heartbeat_seconds, package_version(),
                                              describe).start()
@@ -526,7 +526,8 @@ def run_worker(settings: Settings) -> None:
         celery_signals.worker_ready.connect(warm, weak=False)
         celery_signals.worker_shutdown.connect(stop_heartbeat, weak=False)
     argv = [
-        "worker", f"--loglevel={settings.log_level}", f"--pool={pool}",
+        # --quiet: no banner on stdout (the log is one format); what it says is in our start-up lines.
+        "--quiet", "worker", f"--loglevel={settings.log_level}", f"--pool={pool}",
         f"--concurrency={plan.concurrency}", "-Q", QUEUE, "--without-gossip", "--without-mingle",
         f"--hostname=cxr-triage@{os.uname().nodename}-{os.getpid()}",
     ]

@@ -15,7 +15,9 @@ No label carries patient data: outcomes, DIMSE status codes, runtimes and study 
 from __future__ import annotations
 
 import shutil
+from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
+from functools import lru_cache
 from pathlib import Path
 
 from prometheus_client import Counter, Gauge, Histogram
@@ -27,27 +29,53 @@ from .db import Database
 from .models import Export, Heartbeat, Instance, Job, Study
 from .states import ExportStatus, JobStatus, StudyStatus
 
-# --- the node -------------------------------------------------------------------------------------
-INSTANCES_RECEIVED = Counter("cxr_triage_instances_received", "C-STORE requests answered with success",
-                             ["outcome"])  # stored | duplicate
-INSTANCES_REFUSED = Counter("cxr_triage_instances_refused", "C-STORE requests answered with a failure status",
-                            ["status"])  # the DIMSE status, e.g. 0xA900
-ASSOCIATIONS_REJECTED = Counter("cxr_triage_associations_rejected", "DICOM associations refused")
-CSTORE_SECONDS = Histogram("cxr_triage_cstore_seconds", "One C-STORE: validate, store durably, record",
-                           buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10))
+@dataclass(frozen=True)
+class NodeMetrics:
+    instances_received: Counter
+    instances_refused: Counter
+    associations_rejected: Counter
+    cstore_seconds: Histogram
 
-# --- the model worker (multiprocess) --------------------------------------------------------------
-JOBS_FINISHED = Counter("cxr_triage_jobs_finished", "Jobs a model process ended, by outcome", ["outcome"])
-MODEL_SECONDS = Histogram("cxr_triage_model_seconds", "One model call for a study (probabilities and CAMs)",
-                          ["runtime"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60))
-MODEL_IMAGES = Counter("cxr_triage_model_images", "Images scored by the model", ["runtime"])
-CSTORE_TO_SR_SECONDS = Histogram(
-    "cxr_triage_cstore_to_sr_seconds",
-    "From a study's last received instance to its SR stored (the quiet period included)",
-    buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600, 1800, 3600))
-EXPORT_ATTEMPTS = Counter("cxr_triage_export_attempts", "Export attempts (C-STORE of a study's results to a "
-                          "destination), by outcome", ["outcome"])  # success | failure
-MODEL_LOADED = Gauge("cxr_triage_model_loaded", "1 per model process with its model loaded", multiprocess_mode="liveall")
+
+@dataclass(frozen=True)
+class WorkerMetrics:
+    jobs_finished: Counter
+    model_seconds: Histogram
+    model_images: Counter
+    cstore_to_sr_seconds: Histogram
+    export_attempts: Counter
+    model_loaded: Gauge
+
+
+@lru_cache(maxsize=1)
+def node() -> NodeMetrics:
+    """The node's metrics, made on first use (so that a worker exposes none of them)."""
+    return NodeMetrics(
+        Counter("cxr_triage_instances_received", "C-STORE requests answered with success",
+                ["outcome"]),  # stored | duplicate
+        Counter("cxr_triage_instances_refused", "C-STORE requests answered with a failure status",
+                ["status"]),  # the DIMSE status, e.g. 0xA900
+        Counter("cxr_triage_associations_rejected", "DICOM associations refused"),
+        Histogram("cxr_triage_cstore_seconds", "One C-STORE: validate, store durably, record",
+                  buckets=(0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10)),
+    )
+
+
+@lru_cache(maxsize=1)
+def worker() -> WorkerMetrics:
+    """The model worker's metrics (multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set), made on first use."""
+    return WorkerMetrics(
+        Counter("cxr_triage_jobs_finished", "Jobs a model process ended, by outcome", ["outcome"]),
+        Histogram("cxr_triage_model_seconds", "One model call for a study (probabilities and CAMs)",
+                  ["runtime"], buckets=(0.05, 0.1, 0.25, 0.5, 1, 2, 5, 10, 30, 60)),
+        Counter("cxr_triage_model_images", "Images scored by the model", ["runtime"]),
+        Histogram("cxr_triage_cstore_to_sr_seconds",
+                  "From a study's last received instance to its SR stored (the quiet period included)",
+                  buckets=(1, 2, 5, 10, 15, 20, 30, 60, 120, 300, 600, 1800, 3600)),
+        Counter("cxr_triage_export_attempts", "Export attempts (C-STORE of a study's results to a destination), "
+                "by outcome", ["outcome"]),  # success | failure
+        Gauge("cxr_triage_model_loaded", "1 per model process with its model loaded", multiprocess_mode="liveall"),
+    )
 
 
 class DiskCollector(Collector):

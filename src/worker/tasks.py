@@ -36,7 +36,7 @@ def register_tasks(app: Celery, settings: Settings, database: Database, model_lo
     @app.task(name=PROCESS_STUDY, queue=QUEUE, acks_late=True, ignore_result=True)
     def process_study(job_id: int) -> str:
         outcome = pipeline.run_job(int(job_id))
-        metrics.JOBS_FINISHED.labels(outcome.status).inc()
+        metrics.worker().jobs_finished.labels(outcome.status).inc()
         if outcome.status == StudyStatus.DONE:
             observe_cstore_to_sr(database, int(job_id))
         publish_exports(database, publisher, outcome.export_ids)
@@ -46,9 +46,9 @@ def register_tasks(app: Celery, settings: Settings, database: Database, model_lo
     def export_results(export_id: int) -> str:
         status = export_once(settings, database, int(export_id))
         if status == ExportStatus.EXPORTED:
-            metrics.EXPORT_ATTEMPTS.labels("success").inc()
+            metrics.worker().export_attempts.labels("success").inc()
         elif status in (ExportStatus.EXPORT_PENDING, ExportStatus.EXPORT_FAILED):
-            metrics.EXPORT_ATTEMPTS.labels("failure").inc()
+            metrics.worker().export_attempts.labels("failure").inc()
         return status
 
     return pipeline
@@ -85,4 +85,4 @@ def observe_cstore_to_sr(database: Database, job_id: int) -> None:
         log.warning("C-STORE-to-SR latency of job %s not recorded", job_id, exc_info=True)
         return
     if row is not None and row[0] is not None and row[1] is not None:
-        metrics.CSTORE_TO_SR_SECONDS.observe(max(0.0, (row[1] - row[0]).total_seconds()))
+        metrics.worker().cstore_to_sr_seconds.observe(max(0.0, (row[1] - row[0]).total_seconds()))

@@ -203,6 +203,7 @@ def test_two_nodes_and_a_worker_share_postgresql_redis_and_an_s3_bucket(
         assert _sample(worker_text, "cxr_triage_model_seconds_count", runtime="torch") >= 1
         assert _sample(worker_text, "cxr_triage_export_attempts_total", outcome="success") >= 1
         assert _sample(worker_text, "cxr_triage_model_loaded") == 1
+        assert "cxr_triage_cstore_seconds" not in worker_text and "cxr_triage_model" not in node_text[0]
         api_text = _get(f"{api}/metrics")[1]
         assert _sample(api_text, "cxr_triage_studies", status="DONE") == 1
         assert _sample(api_text, "cxr_triage_exports", status="EXPORTED") == 1
@@ -233,5 +234,6 @@ def test_two_nodes_and_a_worker_share_postgresql_redis_and_an_s3_bucket(
     assert all(code == 0 for code in codes.values()), codes
     for service in services:
         for line in service.text().splitlines():
-            json.loads(line)  # one format: every line a JSON object
+            if line.strip():
+                json.loads(line)  # one format: every line a JSON object
     assert_no_names_or_birth_dates_in("\n".join(s.text() for s in services), files)
