@@ -534,11 +534,27 @@ def run_worker(settings: Settings) -> None:
     # Task events and worker heartbeats (what Flower shows) on a real broker; the embedded
     # SQLAlchemy transport has no fan-out exchange to carry them.
     argv += ["--without-heartbeat"] if settings.uses_embedded_broker else ["--task-events"]
+    _celery_says_through_our_log()
     try:
         app.worker_main(argv)
     finally:
         if metrics_server is not None:
             metrics_server.shutdown()
+
+
+def _celery_says_through_our_log() -> None:
+    """Celery's signal handlers print ("worker: Warm shutdown (MainProcess)") past logging: give them our
+    format. Formatted without logging's locks and written with one os.write, as safe in a signal handler
+    as Celery's own print."""
+    import celery.apps.worker as celery_worker
+
+    def say(message: str, *_args, **_kwargs) -> None:
+        record = logging.LogRecord("celery.worker", logging.INFO, __file__, 0, message.strip(), None, None)
+        handlers = logging.getLogger().handlers
+        text = handlers[0].format(record) if handlers else record.getMessage()
+        os.write(2, (text + "\n").encode("utf-8", "replace"))
+
+    celery_worker.safe_say = say
 
 
 def run_api(settings: Settings) -> None:
