@@ -242,3 +242,55 @@ def run_cli(*argv: str) -> str:
         rc = cli.main(list(argv))
     assert rc == 0, buf.getvalue()
     return buf.getvalue()
+
+
+class S3Server:
+    """moto's S3-compatible server as a real HTTP server on loopback (its own process and port)."""
+
+    def __init__(self, workdir: Path) -> None:
+        self.port = free_port()
+        self.log = open(workdir / "moto.log", "wb")
+        import sys
+
+        self.process = subprocess.Popen([sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(self.port)],
+                                        stdout=self.log, stderr=subprocess.STDOUT)
+        wait_until(lambda: urllib.request.urlopen(f"{self.url}/", timeout=2).status == 200, 60,
+                   what="the S3 server to answer")
+
+    @property
+    def url(self) -> str:
+        return f"http://127.0.0.1:{self.port}"
+
+    #: The S3 settings of a service using this server (any credentials: moto checks none).
+    def settings_env(self, bucket: str, prefix: str = "cxr") -> dict[str, str]:
+        return {"CXR_TRIAGE_STORAGE_URL": f"s3://{bucket}/{prefix}", "CXR_TRIAGE_S3_ENDPOINT_URL": self.url,
+                "CXR_TRIAGE_S3_REGION": "us-east-1", "CXR_TRIAGE_S3_ACCESS_KEY_ID": "test-key",
+                "CXR_TRIAGE_S3_SECRET_ACCESS_KEY": "test-secret-7f3c"}
+
+    def client(self):
+        import boto3
+
+        return boto3.session.Session().client("s3", endpoint_url=self.url, region_name="us-east-1",
+                                              aws_access_key_id="test-key", aws_secret_access_key="test-secret-7f3c")
+
+    def stop(self) -> None:
+        if self.process.poll() is None:
+            self.process.terminate()
+            try:
+                self.process.wait(timeout=15)
+            except subprocess.TimeoutExpired:
+                self.process.kill()
+                self.process.wait()
+        self.log.close()
+
+
+@pytest.fixture
+def s3_server(tmp_path_factory):
+    try:
+        import boto3  # noqa: F401
+        import moto.server  # noqa: F401
+    except ImportError as exc:
+        need(False, f"moto[server] and boto3 are not installed ({exc})")
+    server = S3Server(tmp_path_factory.mktemp("s3"))
+    yield server
+    server.stop()

@@ -117,10 +117,12 @@ def predict_records(
     heatmaps_dir: str | os.PathLike[str] | None = None,
     read_image: ImageReader | None = None,
     render_heatmap: HeatmapRenderer | None = None,
+    progress: Callable[[int, int], None] | None = None,
 ) -> list[dict[str, Any]]:
     """Score files one by one; a file that cannot be read is reported, never fatal.
 
     With `heatmaps_dir`, `render_heatmap` draws the heatmap PNGs (required then).
+    ``progress(done, total)`` is called after each file.
     """
     if heatmaps_dir is not None and render_heatmap is None:
         raise ModelError("heat maps need a renderer (render_heatmap)")
@@ -128,7 +130,10 @@ def predict_records(
     card = model.card
     model_info = {"name": card.name, "version": card.version, "demo": card.demo, "runtime": model.runtime}
     records = []
-    for raw in paths:
+    paths = list(paths)
+    for index, raw in enumerate(paths):
+        if progress is not None and index:
+            progress(index, len(paths))
         path = Path(raw)
         rec: dict[str, Any] = {
             "file": str(path), "status": "ok", "reason": None, "model": model_info,
@@ -149,6 +154,8 @@ def predict_records(
             log.warning("failed to score %s: %s", path, exc)
             rec.update(status="error", reason=f"{type(exc).__name__}: {exc}")
         records.append(rec)
+    if progress is not None and paths:
+        progress(len(paths), len(paths))
     return records
 
 

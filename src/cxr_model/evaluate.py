@@ -17,8 +17,9 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import sys
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -75,13 +76,13 @@ def _aligned(card: ModelCard, data: LabelledSet, logits: np.ndarray) -> tuple[li
     return names, data.labels[:, d_idx], data.mask[:, d_idx], logits[:, c_idx]
 
 
-def score_split(model_dir: str | Path, data: LabelledSet, *, batch_size: int = 16, device: str | None = None
-                ) -> tuple[ModelCard, np.ndarray]:
+def score_split(model_dir: str | Path, data: LabelledSet, *, batch_size: int = 16, device: str | None = None,
+                progress: Callable[[int, int], None] | None = None) -> tuple[ModelCard, np.ndarray]:
     card = load_card(model_dir)
     dev = _device(device)
     net = load_network(model_dir, card).to(dev)
     loader = DataLoader(ImageSet(data, card), batch_size=batch_size, shuffle=False, num_workers=0)
-    return card, predict_logits(net, loader, dev, amp=False)
+    return card, predict_logits(net, loader, dev, amp=False, progress=progress)
 
 
 def card_calibration(card: ModelCard, names: list[str]) -> LogitCalibration:
@@ -195,14 +196,15 @@ def _model_splits(model_dir: str | Path, dataset: str, data_dir: str | Path, sch
 
 def evaluate(model_dir: str | Path, dataset: str, data_dir: str | Path, out_dir: str | Path, *, split: str = "test",
              scheme: str | None = None, seed: int | None = None, uncertainty: str = "ignore", n_boot: int = 1000,
-             batch_size: int = 16, device: str | None = None, stream: TextIO | None = None) -> dict[str, Any]:
+             batch_size: int = 16, device: str | None = None, stream: TextIO | None = None,
+             progress: Callable[[int, int], None] | None = None) -> dict[str, Any]:
     """Score ``split`` of the data with the model and write metrics.json, roc.png and reliability.png."""
     stream = stream or sys.stdout
     if split not in SPLIT_NAMES:
         raise ModelError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
     scheme, seed, splits, boxes, manifest = _model_splits(model_dir, dataset, data_dir, scheme, seed, uncertainty, stream)
     data = splits[split]
-    card, logits = score_split(model_dir, data, batch_size=batch_size, device=device)
+    card, logits = score_split(model_dir, data, batch_size=batch_size, device=device, progress=progress)
     names, y, m, z = _aligned(card, data, logits)
     cls = classification_metrics(card, names, y, m, z, n_boot=n_boot, seed=seed)
     curves = cls.pop("_curves")
@@ -282,10 +284,30 @@ def parse_specificity(spec: str | Mapping[str, float] | None, labels: tuple[str,
     return out
 
 
+#: Fewest positive and negative images per finding for a threshold by Youden's J; a fixed specificity s
+#: wants MIN_CASES / (1 - s) negatives (10 false positives' worth: 100 for 0.9, 200 for 0.95).
+MIN_CASES = 10
+
+
+def split_too_small(positives: int, negatives: int, specificity: float | None, threshold: float) -> str:
+    """Why a split cannot place an operating point reliably, or '' (the check behind calibrate's warning)."""
+    problems = []
+    if positives < MIN_CASES:
+        problems.append(f"{positives} positive image(s) (fewer than {MIN_CASES})")
+    wanted = MIN_CASES if specificity is None or specificity >= 1 else math.ceil(MIN_CASES / (1 - specificity))
+    if negatives < wanted:
+        target = "" if specificity is None else f" for specificity {specificity:g}"
+        problems.append(f"{negatives} negative image(s) (fewer than {wanted}{target})")
+    if not 0.001 < threshold < 0.999:
+        problems.append(f"the threshold landed at the end of the scale ({threshold:.3f})")
+    return "; ".join(problems)
+
+
 def calibrate(model_dir: str | Path, dataset: str, data_dir: str | Path, *, split: str = "val", scheme: str | None = None,
               seed: int | None = None, uncertainty: str = "ignore", specificity: str | Mapping[str, float] | None = None,
               method: str = "temperature", batch_size: int = 16, device: str | None = None,
-              stream: TextIO | None = None) -> ModelCard:
+              stream: TextIO | None = None, progress: Callable[[int, int], None] | None = None,
+              warn: Callable[[str], None] | None = None) -> ModelCard:
     """Fit a calibration per finding (``method``: 'temperature' = T of sigmoid(z / T), 'platt' = a, b of
     sigmoid(a z + b), both by NLL on ``split``) and thresholds, and write them into the model card."""
     stream = stream or sys.stdout
@@ -293,8 +315,10 @@ def calibrate(model_dir: str | Path, dataset: str, data_dir: str | Path, *, spli
         raise ModelError(f"calibration method must be one of {CALIBRATION_METHODS}, got {method!r}")
     scheme, seed, splits, _, manifest = _model_splits(model_dir, dataset, data_dir, scheme, seed, uncertainty, stream)
     data = splits[split]
-    card, logits = score_split(model_dir, data, batch_size=batch_size, device=device)
+    card, logits = score_split(model_dir, data, batch_size=batch_size, device=device, progress=progress)
     names, y, m, z = _aligned(card, data, logits)
+    warn = warn or (lambda message: sys.stderr.write(f"warning: {message}\n"))
+    too_small: list[str] = []
     fixed_spec = parse_specificity(specificity, card.labels)
     calibration = dict(card.calibration)
     thresholds = dict(card.thresholds)
@@ -320,6 +344,11 @@ def calibrate(model_dir: str | Path, dataset: str, data_dir: str | Path, *, spli
         calibration[name] = entry
         if thr is not None:
             thresholds[name] = float(min(max(thr, 0.0), 1.0))
+        problem = split_too_small(int(yj.sum()), int((1 - yj).sum()), fixed_spec.get(name), thresholds[name])
+        if problem:
+            warn(f"{name}: {problem} in the {split} split ({len(data)} images): the threshold "
+                 f"{thresholds[name]:.3f} ({rule}) is not to be trusted; calibrate on a larger split")
+            too_small.append(f"{name}: {problem}")
         sens, spec = sensitivity_specificity(yj, p_after, thresholds[name])
         report[name] = {**entry, "threshold": thresholds[name], "rule": rule,
                         "ece_before": expected_calibration_error(yj, p_before),
@@ -335,6 +364,8 @@ def calibrate(model_dir: str | Path, dataset: str, data_dir: str | Path, *, spli
         "method": f"per-finding {what} (NLL); thresholds on calibrated probabilities",
         "dataset": dataset, "split": split, "scheme": scheme, "seed": seed, "images": len(data), "findings": report,
     }
+    if too_small:
+        evaluation["calibration"]["warnings"] = too_small
     if manifest is not None:
         evaluation["calibration"]["note"] = PHANTOM_NOTE
     provenance = dict(card.provenance)

@@ -30,7 +30,7 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any, TextIO
+from typing import Callable, Any, TextIO
 
 import numpy as np
 import torch
@@ -243,12 +243,18 @@ class Progress:
 
 
 @torch.no_grad()
-def predict_logits(net: torch.nn.Module, loader: DataLoader, device: torch.device, amp: bool = False) -> np.ndarray:
+def predict_logits(net: torch.nn.Module, loader: DataLoader, device: torch.device, amp: bool = False,
+                   progress: Callable[[int, int], None] | None = None) -> np.ndarray:
+    """Logits of every image the loader yields; ``progress(done, total)`` after each batch."""
     net.eval()
     out = []
+    done, total = 0, len(loader.dataset) if hasattr(loader, "dataset") else 0
     for batch in loader:
         with torch.autocast(device_type=device.type, dtype=torch.float16, enabled=amp):
             out.append(forward(net, batch[0].to(device, non_blocking=True), batch).float().cpu())
+        done += len(batch[0])
+        if progress is not None:
+            progress(done, total)
     return torch.cat(out).numpy() if out else np.zeros((0, 0), dtype=np.float32)
 
 

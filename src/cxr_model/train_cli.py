@@ -59,7 +59,7 @@ def _run(args: argparse.Namespace, stream: TextIO) -> int:
 
         evaluate(args.model_dir, args.dataset, args.data_dir, args.out, split=args.split, scheme=args.scheme, seed=args.seed,
                  uncertainty=args.uncertainty, n_boot=args.bootstrap, batch_size=args.batch_size, device=args.device,
-                 stream=stream)
+                 stream=stream, progress=getattr(args, "on_progress", None))
         stream.write(f"wrote {Path(args.out) / 'metrics.json'}, roc.png, reliability.png\n")
         return 0
     if cmd == "calibrate":
@@ -67,7 +67,8 @@ def _run(args: argparse.Namespace, stream: TextIO) -> int:
 
         card = calibrate(args.model_dir, args.dataset, args.data_dir, split=args.split, scheme=args.scheme, seed=args.seed,
                          uncertainty=args.uncertainty, specificity=args.specificity, method=args.method,
-                         batch_size=args.batch_size, device=args.device, stream=stream)
+                         batch_size=args.batch_size, device=args.device, stream=stream,
+                         progress=getattr(args, "on_progress", None), warn=getattr(args, "on_warning", None))
         fitted = "temperatures" if args.method == "temperature" else "Platt parameters (a, b)"
         stream.write(f"wrote thresholds and {fitted} into {Path(args.model_dir) / 'model_card.json'} "
                      f"({card.name} {card.version}; weights unchanged, sha256 {card.weights_sha256})\n")

@@ -29,7 +29,8 @@ def send_samples(settings: Settings, host: str) -> list[tuple[str, str]]:
         ae.add_requested_context(sop_class, [ExplicitVRLittleEndian, ImplicitVRLittleEndian])
     assoc = ae.associate(host, settings.dicom_port, ae_title=settings.ae_title)
     if not assoc.is_established:
-        raise SystemExit(f"cannot associate with {settings.ae_title}@{host}:{settings.dicom_port}: is the node running?")
+        raise SystemExit(f"cxr-triage demo: cannot associate with {settings.ae_title}@{host}:{settings.dicom_port} "
+                         "(CXR_TRIAGE_AE_TITLE / CXR_TRIAGE_DICOM_PORT): is the node running?")
     sent = []
     try:
         for path, ds in datasets:
@@ -41,10 +42,28 @@ def send_samples(settings: Settings, host: str) -> list[tuple[str, str]]:
     return sent
 
 
+def api_url(settings: Settings, host: str) -> str:
+    api_host = host if settings.api_host in ("0.0.0.0", "::") else settings.api_host
+    return f"http://{api_host}:{settings.api_port}"
+
+
+def check_api(settings: Settings, host: str) -> None:
+    """Before sending anything: the API answers, else one line naming the setting."""
+    url = api_url(settings, host)
+    try:
+        with urllib.request.urlopen(f"{url}/health/live", timeout=10):
+            pass
+    except urllib.error.HTTPError:
+        return  # it answers (an older API without /health/live)
+    except (urllib.error.URLError, OSError) as exc:
+        reason = getattr(exc, "reason", exc)
+        raise SystemExit(f"cxr-triage demo: the API at {url} does not answer ({reason}; CXR_TRIAGE_API_HOST / "
+                         "CXR_TRIAGE_API_PORT): is `cxr-triage api` or `cxr-triage serve` running?") from None
+
+
 def fetch_worklist(settings: Settings, host: str, api_key: str = "") -> dict:
     """The worklist, read with ``api_key`` (an API key or an OIDC access token) when one is given."""
-    api_host = host if settings.api_host in ("0.0.0.0", "::") else settings.api_host
-    url = f"http://{api_host}:{settings.api_port}/worklist"
+    url = f"{api_url(settings, host)}/worklist"
     headers = {"Authorization": f"Bearer {api_key}"} if api_key else {}
     request = urllib.request.Request(url, headers=headers)
     try:
@@ -60,6 +79,7 @@ def fetch_worklist(settings: Settings, host: str, api_key: str = "") -> dict:
 
 def run_demo(settings: Settings, host: str = "127.0.0.1", timeout: float = 180.0, api_key: str | None = None) -> int:
     api_key = api_key if api_key is not None else settings.api_key
+    check_api(settings, host)
     sent = send_samples(settings, host)
     for name, status in sent:
         print(f"C-STORE {name}: {status}")

@@ -28,12 +28,21 @@ def read_radiograph(path: Path) -> np.ndarray:
 def read_radiograph_and_metadata(path: Path) -> tuple[np.ndarray, cxr_model.ImageMetadata | None]:
     """The display-ready image and, for DICOM, its age/sex/view (None for PNG/JPEG)."""
     path = Path(path)
+    if path.is_dir():
+        raise cxr_model.ModelError("a directory, not an image file (name the files, e.g. DIR/*.dcm)")
     try:
         ds = pydicom.dcmread(path, force=path.suffix.lower() in {".dcm", ".dicom", ""})
         if "PixelData" not in ds and "SOPClassUID" not in ds:
             raise InvalidDicomError("not DICOM")
     except (InvalidDicomError, OSError, ValueError, TypeError, AttributeError):
-        return cxr_model.load_image_file(path), None
+        try:
+            return cxr_model.load_image_file(path), None
+        except cxr_model.ImageRefused as exc:
+            # Not a radiograph we decline (a colour picture, a multi-frame file) but no image at all:
+            # an error, so that `predict` exits non-zero.
+            if exc.reason.startswith(("not a readable", "cannot decode")):
+                raise cxr_model.ModelError("neither DICOM nor a readable PNG/JPEG image") from None
+            raise
     eligibility = check_eligibility(ds)
     if not eligibility.eligible:
         raise cxr_model.ImageRefused(eligibility.reason)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import ctypes
 import logging
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -18,31 +19,34 @@ from triage_core.settings import Settings
 
 log = logging.getLogger("cxr_triage")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+#: The Alembic migrations travel inside the package (a wheel can `db upgrade`): alembic.ini at a
+#: checkout's root points here too, for `alembic revision`.
+MIGRATIONS = Path(__file__).resolve().parent / "migrations"
 
 
 def configure_logging(settings: Settings, service: str) -> None:
-    logging.basicConfig(
-        level=settings.log_level.upper(),
-        format=f"%(asctime)s %(levelname)s [{service}:%(process)d] %(name)s: %(message)s",
-        force=True,
-    )
-    # pynetdicom logs every PDU at INFO; keep it to warnings unless asked.
-    logging.getLogger("pynetdicom").setLevel(max(logging.WARNING, logging.getLogger().level))
+    """JSON lines (CXR_TRIAGE_LOG_FORMAT=json, the default off a terminal) or plain text; libraries at WARNING."""
+    from .logs import configure
+
+    configure(settings.log_level, settings.log_format, service)
+
+
+def alembic_config(database_url: str):
+    """Alembic's configuration without an ini file: the packaged migrations and this URL."""
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.attributes["database_url"] = database_url
+    config.attributes["configure_logging"] = False
+    return config
 
 
 def upgrade_database(settings: Settings) -> None:
     from alembic import command
-    from alembic.config import Config
 
-    ini = REPO_ROOT / "alembic.ini"
-    if not ini.exists():
-        raise SystemExit(f"alembic.ini not found at {ini}: run from a checkout of cxr-triage")
     settings.ensure_dirs()
-    config = Config(str(ini))
-    config.attributes["database_url"] = settings.database_url
-    config.attributes["configure_logging"] = False
-    command.upgrade(config, "head")
+    command.upgrade(alembic_config(settings.database_url), "head")
     log.info("database schema is at head (%s)", _safe_url(settings.database_url))
 
 
@@ -197,6 +201,50 @@ def worker_plan(settings: Settings, cores: int | None = None, gpu: bool | None =
     return WorkerPlan(concurrency, threads, gpu, settings.batch_studies or (8 if gpu else 1))
 
 
+class CliError(Exception):
+    """A one-line answer for the operator (the variable or file at fault named), and an exit status."""
+
+    def __init__(self, message: str, status: int = 2) -> None:
+        super().__init__(message)
+        self.status = status
+
+
+def package_version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("cxr-triage")
+    except PackageNotFoundError:  # pragma: no cover - a bare checkout
+        return "0+unknown"
+
+
+def _model_variable(settings: Settings, path) -> str:
+    return "CXR_TRIAGE_MODEL_PATH" if path is None and settings.model_path else "--model" if path else "bundled model"
+
+
+def check_model_dir(settings: Settings, path=None):
+    """The model directory's card, and its weights' SHA-256 against the card, without loading torch:
+    a missing or tampered directory stops a service at start with one line naming it."""
+    import cxr_model
+    from cxr_model.card import load_card, sha256_file
+
+    directory = Path(path or settings.model_path or cxr_model.bundled_demo_path())
+    where = _model_variable(settings, path)
+    if not directory.is_dir():
+        raise CliError(f"model directory {directory} ({where}) does not exist")
+    try:
+        card = load_card(directory)
+    except cxr_model.ModelError as exc:
+        raise CliError(f"model directory {directory} ({where}): {exc}") from None
+    weights = directory / card.weights_file
+    if not weights.is_file():
+        raise CliError(f"model directory {directory} ({where}): weights file {weights.name} is missing")
+    if sha256_file(weights) != card.weights_sha256:
+        raise CliError(f"model directory {directory} ({where}): {weights.name} does not match the SHA-256 in "
+                       "model_card.json (altered or replaced weights)")
+    return card
+
+
 def load_model_for(settings: Settings, path=None, threads: int | None = None):
     """The model the worker uses: ``path``, else CXR_TRIAGE_MODEL_PATH, else the bundled demo model.
 
@@ -217,7 +265,31 @@ def load_model_for(settings: Settings, path=None, threads: int | None = None):
     log.info("model %s %s loaded from %s (runtime %s, device %s)%s", card.name, card.version, path, model.runtime,
              device or "cpu",
              " -- DEMO WEIGHTS, not trained on clinical data" if card.demo else "")
-    return model
+    return TimedModel(model, device or "cpu")
+
+
+class TimedModel:
+    """The loaded model, each predict call timed into cxr_triage_model_seconds (the worker's metrics)."""
+
+    def __init__(self, model, device: str) -> None:
+        self._model = model
+        self.device = device
+
+    def __getattr__(self, name: str):
+        return getattr(self._model, name)
+
+    def predict(self, images, *args, **kwargs):
+        from triage_core import metrics
+
+        started = time.perf_counter()
+        result = self._model.predict(images, *args, **kwargs)
+        metrics.worker().model_seconds.labels(self._model.runtime).observe(time.perf_counter() - started)
+        metrics.worker().model_images.labels(self._model.runtime).inc(len(images))
+        return result
+
+    def describe(self) -> dict:
+        card = self._model.card
+        return {"name": card.name, "version": card.version, "runtime": self._model.runtime, "device": self.device}
 
 
 PR_SET_PDEATHSIG = 1  # <linux/prctl.h>
@@ -245,47 +317,153 @@ def _wait_for_signal() -> None:
         stop.wait(1.0)
 
 
+def bind_check(host: str, port: int, variable: str, what_port: str = "port") -> None:
+    """Raise CliError naming `variable` when host:port cannot be bound (in use, not ours, no such address)."""
+    import socket
+
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    with socket.socket(family, socket.SOCK_STREAM) as sock:
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError as exc:
+            what = "is in use" if exc.errno == 98 else f"cannot be bound: {exc.strerror or exc}"
+            raise CliError(f"{what_port} {port} on {host} ({variable}) {what}") from None
+
+
+def serve_metrics(settings: Settings, port: int, variable: str, registry):
+    """Prometheus /metrics of this process on metrics_host:port (0: none)."""
+    if not port:
+        return None
+    from prometheus_client import start_http_server
+
+    try:
+        server, thread = start_http_server(port, addr=settings.metrics_host, registry=registry)
+    except OSError as exc:
+        what = "is in use" if exc.errno == 98 else f"cannot be bound: {exc.strerror or exc}"
+        raise CliError(f"metrics port {port} on {settings.metrics_host} ({variable}) {what}") from None
+    log.info("metrics on http://%s:%s/metrics", settings.metrics_host, port)
+    return server
+
+
 def _receiving_process(settings: Settings) -> None:
     """In each receiving process of the node: its logging, and it dies with the node (even a kill -9 of it)."""
     configure_logging(settings, "node")
     die_with_parent(signal.SIGTERM)
 
 
+def node_metrics_dir(settings: Settings) -> Path:
+    """PROMETHEUS_MULTIPROC_DIR of this node (its receiving processes count too): one per host and port."""
+    return settings.data_dir / "prometheus" / f"node-{os.uname().nodename}-{settings.node_metrics_port}"
+
+
 def run_node(settings: Settings) -> None:
-    """The DICOM edge (listeners and admission here, associations in receiving processes) and the
-    scheduler: quiet-period readiness and the sweeper."""
+    """The DICOM edge (listeners and admission here, associations in receiving processes), the
+    scheduler (quiet-period readiness and the sweeper), the node's heartbeat and its /metrics."""
     from functools import partial
+
+    settings.ensure_dirs()
+    bind_check(settings.dicom_host, settings.dicom_port, "CXR_TRIAGE_DICOM_PORT")
+    if settings.node_metrics_port:
+        bind_check(settings.metrics_host, settings.node_metrics_port, "CXR_TRIAGE_NODE_METRICS_PORT", "metrics port")
+        # Before prometheus_client is imported: the receiving processes (spawned with this environment)
+        # write their counts to files here, summed by this process's /metrics; cleaned at start.
+        multiproc = node_metrics_dir(settings)
+        if multiproc.exists():
+            shutil.rmtree(multiproc)
+        multiproc.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
 
     from dicom_node.processes import receiver_processes, start_node
     from dicom_node.readiness import Scheduler
+    from triage_core.health import HeartbeatThread
+    from triage_core.metrics import DiskCollector
     from triage_core.work import WorkPolicy
     from worker.celery_app import Publisher, make_celery
 
-    settings.ensure_dirs()
     database = Database(settings.database_url, audit_sink=audit_sink(settings))
+    check_database(database, settings)
     publisher = Publisher(make_celery(settings))
-    edge = start_node(settings, database, receiver_processes(settings),
-                      initializer=partial(_receiving_process, settings))
+    metrics_server = None
+    if settings.node_metrics_port:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        registry.register(DiskCollector(settings.data_dir))
+        metrics_server = serve_metrics(settings, settings.node_metrics_port, "CXR_TRIAGE_NODE_METRICS_PORT", registry)
+    try:
+        edge = start_node(settings, database, receiver_processes(settings),
+                          initializer=partial(_receiving_process, settings))
+    except OSError as exc:
+        raise CliError(f"port {settings.dicom_port} on {settings.dicom_host} (CXR_TRIAGE_DICOM_PORT) cannot be "
+                       f"bound: {exc.strerror or exc}") from None
     scheduler = Scheduler(database, settings.series_quiet_seconds, publisher.job, publisher.export,
                           WorkPolicy.from_settings(settings), settings.sweep_interval_seconds)
     scheduler.start()
+    heartbeat = HeartbeatThread(database, "node", settings.heartbeat_seconds, package_version()).start()
     try:
         _wait_for_signal()
     finally:
         log.info("node stopping")
         edge.shutdown()
         scheduler.stop()
+        heartbeat.stop()
+        if metrics_server is not None:
+            metrics_server.shutdown()
         database.dispose()
 
 
+def check_database(database: Database, settings: Settings) -> None:
+    """One-line CliError naming CXR_TRIAGE_DATABASE_URL when the database does not answer."""
+    from sqlalchemy import text
+    from sqlalchemy.exc import SQLAlchemyError
+
+    try:
+        with database.session() as session:
+            session.execute(text("SELECT 1"))
+    except SQLAlchemyError as exc:
+        raise CliError(database_error(exc, settings)) from None
+
+
+def database_error(exc: BaseException, settings: Settings) -> str:
+    original = getattr(exc, "orig", None) or exc
+    lines = str(original).strip().splitlines()
+    return (f"database {_safe_url(settings.database_url)} (CXR_TRIAGE_DATABASE_URL) cannot be used: "
+            f"{lines[0] if lines else type(original).__name__}")
+
+
+def worker_metrics_dir(settings: Settings) -> Path:
+    """PROMETHEUS_MULTIPROC_DIR of this worker: under the data directory, one per host and port."""
+    return settings.data_dir / "prometheus" / f"worker-{os.uname().nodename}-{settings.worker_metrics_port}"
+
+
 def run_worker(settings: Settings) -> None:
+    settings.ensure_dirs()
+    check_model_dir(settings)
+    if settings.worker_metrics_port:
+        bind_check(settings.metrics_host, settings.worker_metrics_port, "CXR_TRIAGE_WORKER_METRICS_PORT",
+                   "metrics port")
+        # Before prometheus_client is imported: the model processes then write their values to files
+        # here, summed by this process's /metrics. Cleaned at start: a dead worker's values must not count.
+        multiproc = worker_metrics_dir(settings)
+        if multiproc.exists():
+            import shutil
+
+            shutil.rmtree(multiproc)
+        multiproc.mkdir(parents=True)
+        os.environ["PROMETHEUS_MULTIPROC_DIR"] = str(multiproc)
+
     from celery import signals as celery_signals
 
+    from triage_core import metrics
+    from triage_core.health import HeartbeatThread
     from worker.celery_app import QUEUE, make_celery
     from worker.tasks import register_tasks
 
-    settings.ensure_dirs()
     database = Database(settings.database_url, audit_sink=audit_sink(settings))
+    check_database(database, settings)
     app = make_celery(settings)
     plan = worker_plan(settings)
     settings.batch_studies = plan.batch_studies
@@ -293,17 +471,46 @@ def run_worker(settings: Settings) -> None:
     pool = "solo" if plan.concurrency == 1 else "prefork"
     log.info("model worker: %d process(es) x %s thread(s)%s", plan.concurrency, plan.threads or "default",
              " on a GPU" if plan.gpu else "")
+    metrics_server = None
+    if settings.worker_metrics_port:
+        from prometheus_client import CollectorRegistry
+        from prometheus_client.multiprocess import MultiProcessCollector
+
+        registry = CollectorRegistry()
+        MultiProcessCollector(registry)
+        registry.register(metrics.DiskCollector(settings.data_dir))
+        metrics_server = serve_metrics(settings, settings.worker_metrics_port, "CXR_TRIAGE_WORKER_METRICS_PORT",
+                                       registry)
+    state: dict = {"error": "", "heartbeat": None}
+
+    def describe():
+        model = pipeline._model
+        return (model.describe() if model is not None else None), state["error"]
 
     def warm(**_):
         # A forked child must not share the parent's database connections; then load the model now,
-        # not on the first study (a failure here is logged and the job that needs it fails with the reason).
+        # not on the first study (a failure here is logged, reported in the heartbeat, and the job that
+        # needs it fails with the reason).
         database.engine.dispose(close=False)
         try:
             started = time.monotonic()
             pipeline.warm_up()
+            metrics.worker().model_loaded.set(1)
             log.info("model process ready: warm-up took %.0f ms", 1000 * (time.monotonic() - started))
-        except Exception:
+        except Exception as exc:
+            state["error"] = f"{type(exc).__name__}: {exc}"[:2000]
+            metrics.worker().model_loaded.set(0)
             log.exception("model failed to load; jobs will fail with the reason until it does")
+        state["heartbeat"] = HeartbeatThread(database, "worker", settings.heartbeat_seconds, package_version(),
+                                             describe).start()
+
+    def stop_heartbeat(**_):
+        if state["heartbeat"] is not None:
+            state["heartbeat"].stop()
+        if settings.worker_metrics_port:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(os.getpid())
 
     def pool_child(**kwargs):
         # A SIGTERM to the whole process group (systemd's KillMode=control-group, Ctrl-C's SIGINT is
@@ -316,14 +523,40 @@ def run_worker(settings: Settings) -> None:
 
     if pool == "prefork":
         celery_signals.worker_process_init.connect(pool_child, weak=False)
+        celery_signals.worker_process_shutdown.connect(stop_heartbeat, weak=False)
     else:
         celery_signals.worker_ready.connect(warm, weak=False)
-    app.worker_main([
-        "worker", f"--loglevel={settings.log_level}", f"--pool={pool}",
-        f"--concurrency={plan.concurrency}", "-Q", QUEUE,
-        "--without-gossip", "--without-mingle", "--without-heartbeat",
+        celery_signals.worker_shutdown.connect(stop_heartbeat, weak=False)
+    argv = [
+        # --quiet: no banner on stdout (the log is one format); what it says is in our start-up lines.
+        "--quiet", "worker", f"--loglevel={settings.log_level}", f"--pool={pool}",
+        f"--concurrency={plan.concurrency}", "-Q", QUEUE, "--without-gossip", "--without-mingle",
         f"--hostname=cxr-triage@{os.uname().nodename}-{os.getpid()}",
-    ])
+    ]
+    # Task events and worker heartbeats (what Flower shows) on a real broker; the embedded
+    # SQLAlchemy transport has no fan-out exchange to carry them.
+    argv += ["--without-heartbeat"] if settings.uses_embedded_broker else ["--task-events"]
+    _celery_says_through_our_log()
+    try:
+        app.worker_main(argv)
+    finally:
+        if metrics_server is not None:
+            metrics_server.shutdown()
+
+
+def _celery_says_through_our_log() -> None:
+    """Celery's signal handlers print ("worker: Warm shutdown (MainProcess)") past logging: give them our
+    format. Formatted without logging's locks and written with one os.write, as safe in a signal handler
+    as Celery's own print."""
+    import celery.apps.worker as celery_worker
+
+    def say(message: str, *_args, **_kwargs) -> None:
+        record = logging.LogRecord("celery.worker", logging.INFO, __file__, 0, message.strip(), None, None)
+        handlers = logging.getLogger().handlers
+        text = handlers[0].format(record) if handlers else record.getMessage()
+        os.write(2, (text + "\n").encode("utf-8", "replace"))
+
+    celery_worker.safe_say = say
 
 
 def run_api(settings: Settings) -> None:
@@ -333,15 +566,25 @@ def run_api(settings: Settings) -> None:
     from dashboard_api.auth import AuthConfigError, startup_check
 
     settings.ensure_dirs()
+    bind_check(settings.api_host, settings.api_port, "CXR_TRIAGE_API_PORT")
     database = Database(settings.database_url, audit_sink=audit_sink(settings))
+    check_database(database, settings)
     try:
         authenticator = startup_check(settings, database)
     except AuthConfigError as exc:
         database.dispose()
-        raise SystemExit(f"cxr-triage api: {exc}") from None
+        raise CliError(str(exc)) from None
     app = create_app(settings, database, authenticator)
+    # Our logging, not uvicorn's own (one format; its access lines, which would carry query strings
+    # such as a QIDO PatientID, stay at WARNING like the other libraries).
+    config = uvicorn.Config(app, host=settings.api_host, port=settings.api_port, log_config=None)
+    log.info("API on http://%s:%s (health /health/ready, metrics /metrics)", settings.api_host, settings.api_port)
+    # uvicorn re-raises the SIGTERM/SIGINT it handled once it has shut down gracefully: let that
+    # land on a handler that does nothing, so that a clean stop exits 0.
+    for sig in (signal.SIGINT, signal.SIGTERM):
+        signal.signal(sig, lambda *_: None)
     try:
-        uvicorn.run(app, host=settings.api_host, port=settings.api_port, log_level="info")
+        uvicorn.Server(config).run()
     finally:
         database.dispose()
 

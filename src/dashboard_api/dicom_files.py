@@ -5,12 +5,12 @@ from __future__ import annotations
 import logging
 import secrets
 from collections.abc import Sequence
-from pathlib import Path
 
 from fastapi import HTTPException, status
 from fastapi.responses import Response
 
 from triage_core.models import ResultObject
+from triage_core.storage import ObjectStore
 
 log = logging.getLogger(__name__)
 
@@ -49,15 +49,15 @@ class MultipartDicomResponse(Response):
         )
 
 
-def read_result_file(results_dir: Path, result: ResultObject) -> bytes:
-    """The bytes of a stored result object; its path is relative to ``results_dir`` and must stay inside it."""
-    root = results_dir.resolve()
-    path = (root / result.path).resolve()
-    if not path.is_relative_to(root):
+def read_result_file(results: ObjectStore, result: ResultObject) -> bytes:
+    """The bytes of a stored result object; its key must stay inside the results store."""
+    try:
+        results.check_key(result.path)
+    except FileNotFoundError:
         log.error("result %s (id %s) has a path outside the results directory", result.sop_instance_uid, result.id)
         raise HTTPException(status.HTTP_500_INTERNAL_SERVER_ERROR, "result object has an invalid storage path")
     try:
-        return path.read_bytes()
+        return results.read_bytes(result.path)
     except FileNotFoundError:
         log.error("result file of %s (id %s) is missing", result.sop_instance_uid, result.id)
         raise HTTPException(

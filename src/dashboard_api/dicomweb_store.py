@@ -1,7 +1,8 @@
 """What DICOMweb serves: the received instances and our current result objects, as one store per study.
 
-Keyword-only functions over a session (no HTTP here), as ``crud``. Received instances lie
-under the data directory's ``instances/``, result objects under ``results/``; superseded
+Keyword-only functions over a session (no HTTP here), as ``crud``. Received instances and
+result objects are read through the storage (``Settings.storage``: files under the data
+directory, or an S3-compatible store); superseded
 result objects are never served. Attributes the worklist keeps in the database answer
 queries from it; the rest (series and instance numbers, a result object's modality,
 ``includefield`` attributes) are read from the file's header, never its pixel data.
@@ -23,6 +24,7 @@ from sqlalchemy.orm import Session
 from triage_core.models import Instance, ResultObject, Study
 from triage_core.settings import Settings
 from triage_core.states import ResultKind
+from triage_core.storage import ObjectStore
 
 #: Result kinds and the Modality their objects carry (highdicom's SR, our SC and PM writers).
 RESULT_MODALITY = {ResultKind.SR: "SR", ResultKind.HEATMAP: "OT", ResultKind.PARAMETRIC_MAP: "OT"}
@@ -37,8 +39,18 @@ class DicomObject:
     sop_instance_uid: str
     sop_class_uid: str
     modality: str
-    path: Path
+    store: ObjectStore
+    key: str
     result_kind: str = ""
+
+    def open(self):
+        return self.store.open(self.key)
+
+    def exists(self) -> bool:
+        return self.store.exists(self.key)
+
+    def size(self) -> int:
+        return self.store.size(self.key)
 
 
 class QueryError(ValueError):
@@ -61,25 +73,24 @@ def objects(
     if sop_instance_uid is not None:
         received = received.where(Instance.sop_instance_uid == sop_instance_uid)
         results = results.where(ResultObject.sop_instance_uid == sop_instance_uid)
+    storage = settings.storage
     found = [
         DicomObject(by_id[row.study_id], row.series_instance_uid, row.sop_instance_uid, row.sop_class_uid,
-                    row.modality, _inside(settings.instances_dir, row.path))
+                    row.modality, storage.instances, _checked(storage.instances, row.path))
         for row in session.scalars(received.order_by(Instance.id))
     ]
     found += [
         DicomObject(by_id[row.study_id], row.series_instance_uid, row.sop_instance_uid, row.sop_class_uid,
-                    RESULT_MODALITY.get(ResultKind(row.kind), "OT"), _inside(settings.results_dir, row.path), row.kind)
+                    RESULT_MODALITY.get(ResultKind(row.kind), "OT"), storage.results,
+                    _checked(storage.results, row.path), row.kind)
         for row in session.scalars(results.order_by(ResultObject.id))
     ]
     return found
 
 
-def _inside(root: Path, relpath: str) -> Path:
-    root = root.resolve()
-    path = (root / relpath).resolve()
-    if not path.is_relative_to(root):
-        raise FileNotFoundError(f"stored path {relpath!r} leaves its directory")
-    return path
+def _checked(store: ObjectStore, key: str) -> str:
+    store.check_key(key)  # FileNotFoundError when the recorded key leaves its directory
+    return key
 
 
 # --- QIDO-RS matching -----------------------------------------------------------------------------
@@ -165,17 +176,18 @@ def parse_includefield(values: list[str] | None) -> tuple[bool, list[int]]:
     return include_all, tags
 
 
-def header(path: Path, tags: list[int] | None = None) -> Dataset:
+def header(obj: DicomObject, tags: list[int] | None = None) -> Dataset:
     """A stored object's header (no pixel data); only ``tags`` when given."""
-    return pydicom.dcmread(path, stop_before_pixels=True, specific_tags=tags, force=True)
+    with obj.open() as handle:
+        return pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=tags, force=True)
 
 
-def copy_from_header(target: Dataset, path: Path, tags: list[int]) -> None:
-    """Copy ``tags`` from the stored file into ``target`` (those it has; sequences and bulk data too)."""
+def copy_from_header(target: Dataset, obj: DicomObject, tags: list[int]) -> None:
+    """Copy ``tags`` from the stored object into ``target`` (those it has; sequences and bulk data too)."""
     if not tags:
         return
     try:
-        source = header(path, tags)
+        source = header(obj, tags)
     except (OSError, pydicom.errors.InvalidDicomError):
         return
     for tag in tags:
@@ -212,7 +224,7 @@ def study_dataset(study: Study, objs: list[DicomObject], base_url: str, tags: li
     ds.NumberOfStudyRelatedInstances = len(objs)
     ds.RetrieveURL = f"{base_url}/studies/{study.study_instance_uid}"
     if objs:
-        copy_from_header(ds, objs[0].path, tags)
+        copy_from_header(ds, objs[0], tags)
     return ds
 
 
@@ -228,7 +240,7 @@ def series_datasets(objs: list[DicomObject], base_url: str, tags: list[int]) -> 
         ds.Modality = members[0].modality or None
         ds.NumberOfSeriesRelatedInstances = len(members)
         ds.RetrieveURL = f"{base_url}/studies/{study_uid}/series/{series_uid}"
-        copy_from_header(ds, members[0].path, [tag_for_keyword("SeriesNumber"), *tags])
+        copy_from_header(ds, members[0], [tag_for_keyword("SeriesNumber"), *tags])
         out.append(ds)
     return out
 
@@ -242,7 +254,7 @@ def instance_dataset(obj: DicomObject, base_url: str, tags: list[int]) -> Datase
     ds.Modality = obj.modality or None
     ds.RetrieveURL = (f"{base_url}/studies/{obj.study.study_instance_uid}/series/{obj.series_instance_uid}"
                       f"/instances/{obj.sop_instance_uid}")
-    copy_from_header(ds, obj.path, [tag_for_keyword("InstanceNumber"), *tags])
+    copy_from_header(ds, obj, [tag_for_keyword("InstanceNumber"), *tags])
     return ds
 
 

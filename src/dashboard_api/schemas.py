@@ -297,6 +297,24 @@ class HealthPublic(BaseModel):
     )
 
 
+class LivePublic(BaseModel):
+    status: str = Field(description='"alive": the API process answers (nothing else is checked)')
+    version: str
+
+
+class CheckPublic(BaseModel):
+    name: str = Field(description="database, broker, workers, nodes, disk or exports")
+    status: str = Field(description='"ok", "degraded" (working; a person should look) or "fail"')
+    detail: str = Field(description="One line, no patient data")
+    data: dict[str, Any] = Field(default_factory=dict)
+
+
+class ReadinessPublic(BaseModel):
+    status: str = Field(description='"ready", "degraded" (200) or "not_ready" (503)')
+    version: str
+    checks: list[CheckPublic]
+
+
 # --- inputs ------------------------------------------------------------------
 
 

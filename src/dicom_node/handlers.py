@@ -7,6 +7,7 @@ exception reach pynetdicom.
 from __future__ import annotations
 
 import logging
+import time
 from pathlib import Path
 from typing import Callable, Iterator
 
@@ -16,7 +17,7 @@ from pydicom.filereader import read_file_meta_info
 from pydicom.uid import UID
 from pynetdicom import build_context, events
 
-from triage_core import audit
+from triage_core import audit, metrics
 from triage_core.models import Study
 from triage_core.settings import Destination
 from triage_core.states import AuditAction
@@ -52,7 +53,22 @@ def handle_echo(event: events.Event) -> int:
 
 def handle_store(event: events.Event, ingest: IngestService) -> int | Dataset:
     """Spool, record, answer: never an unhandled exception. A failure carries
-    its reason as Error Comment (no patient data: UIDs and sizes only)."""
+    its reason as Error Comment (no patient data: UIDs and sizes only). Counted
+    in the node's metrics (outcome or DIMSE status, and the time it took)."""
+    started = time.perf_counter()
+    answer = _store(event, ingest)
+    code = answer if isinstance(answer, int) else int(answer.Status)
+    counters = metrics.node()
+    counters.cstore_seconds.observe(time.perf_counter() - started)
+    if is_success(code):
+        counters.instances_received.labels("duplicate" if getattr(event.assoc, "cxr_duplicate", False)
+                                           else "stored").inc()
+    else:
+        counters.instances_refused.labels(f"0x{code:04X}").inc()
+    return answer
+
+
+def _store(event: events.Event, ingest: IngestService) -> int | Dataset:
     calling_ae_title = event.assoc.requestor.ae_title.strip()
     request = event.request
     affected = dict(affected_sop_instance_uid=str(request.AffectedSOPInstanceUID or ""),
@@ -84,6 +100,7 @@ def handle_store(event: events.Event, ingest: IngestService) -> int | Dataset:
     if is_success(outcome.status):
         if outcome.study_id is not None:
             _studies_sent(event.assoc).add(outcome.study_id)
+        event.assoc.cxr_duplicate = outcome.duplicate
         return outcome.status
     return _status(outcome.status, outcome.reason)
 
@@ -245,7 +262,8 @@ def _select(event: events.Event, catalogue: Catalogue, calling_ae_title: str,
 
 def _file_syntax(stored: StoredObject) -> tuple[str, str]:
     try:
-        meta = read_file_meta_info(stored.path)
+        with stored.local() as path:
+            meta = read_file_meta_info(path)
         return str(meta.MediaStorageSOPClassUID), str(meta.TransferSyntaxUID)
     except Exception:  # unreadable: its sub-operation will fail and be counted
         return stored.sop_class_uid, "1.2.840.10008.1.2.1"
@@ -256,10 +274,11 @@ def _sendable(stored: StoredObject, accepted: set[tuple[str, str]] | None) -> Da
     read when its turn comes so that one object at a time is in memory. For C-GET (`accepted` known)
     a compressed object goes decompressed when the peer took no context with its syntax."""
     try:
-        ds = dcmread(stored.path)
+        with stored.local() as path:
+            ds = dcmread(path)
     except Exception as exc:
         log.error("stored object %s cannot be read: %s", stored.sop_instance_uid, exc)
-        return stored.path  # not a Dataset: pynetdicom counts a failed sub-operation and goes on
+        return Path(stored.key)  # not a Dataset: pynetdicom counts a failed sub-operation and goes on
     syntax = str(ds.file_meta.get("TransferSyntaxUID", ""))
     if accepted is not None and syntax and UID(syntax).is_compressed \
             and (str(ds.SOPClassUID), syntax) not in accepted:

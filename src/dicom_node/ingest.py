@@ -24,6 +24,7 @@ import hashlib
 import logging
 import os
 import queue
+import shutil
 import tempfile
 import threading
 import time
@@ -43,7 +44,7 @@ from triage_core.db import Database
 from triage_core.models import Instance, Study
 from triage_core.settings import Settings
 from triage_core.states import AuditAction, StudyStatus
-from triage_core.storage import instance_relpath, is_valid_uid
+from triage_core.storage import LocalStore, instance_relpath, is_valid_uid
 
 from .statuses import (
     CANNOT_UNDERSTAND,
@@ -88,12 +89,14 @@ class Received:
     #: Study-level attributes for a new Study row, and the instance's modality.
     study_attributes: dict[str, str] = field(default_factory=dict)
     modality: str = ""
-    #: Set once the file has been renamed into place (a retried batch does not rename again).
+    #: Set once the file has been renamed into place (a retried batch does not rename again), or, with
+    #: an object store (CXR_TRIAGE_STORAGE_URL), the key it was uploaded under.
     final_path: Path | None = None
+    stored_key: str | None = None
 
     def as_message(self) -> dict:
         return {name: (str(value) if isinstance(value, Path) else value)
-                for name, value in self.__dict__.items() if name != "final_path"}
+                for name, value in self.__dict__.items() if name not in ("final_path", "stored_key")}
 
     @classmethod
     def from_message(cls, message: dict) -> "Received":
@@ -389,10 +392,11 @@ class IngestService:
                     decisions.append("store")
                     seen[item.sop_instance_uid] = (item.study_instance_uid, item.sha256)
                     relpath = instance_relpath(item.study_instance_uid, item.sop_instance_uid)
-                    self._place(item, self.settings.instances_dir / relpath, new_directories)
+                    self._place(item, relpath, new_directories)
                     placed.append(item)
             # Data and names to disk while the rows are written; the commit waits for both.
-            synced = self._fsyncs.submit(self._sync, [item.final_path for item in placed], new_directories)
+            synced = self._fsyncs.submit(self._sync, [item.final_path for item in placed if item.final_path],
+                                         new_directories)
             try:
                 new_rows: list[dict] = []
                 for item, decision in zip(items, decisions):
@@ -407,6 +411,9 @@ class IngestService:
             if item.final_path is not None:
                 item.final_path.unlink(missing_ok=True)
                 item.final_path = None
+            if item.stored_key is not None:
+                self.settings.storage.instances.delete(item.stored_key)
+                item.stored_key = None
         return outcomes
 
     def _sync(self, files: list[Path], new_directories: set[Path]) -> None:
@@ -465,9 +472,18 @@ class IngestService:
                      calling_ae_title=item.calling_ae_title, size_bytes=item.size)
         return StoreOutcome(SUCCESS, study_id=study.id)
 
-    def _place(self, item: Received, final: Path, new_directories: set[Path]) -> None:
-        if item.final_path is not None:
-            return  # renamed by an earlier attempt of this batch
+    def _place(self, item: Received, relpath: str, new_directories: set[Path]) -> None:
+        if item.final_path is not None or item.stored_key is not None:
+            return  # placed by an earlier attempt of this batch
+        store = self.settings.storage.instances
+        if not isinstance(store, LocalStore):
+            # An object store: the upload is durable when it returns (before the row commits).
+            with open(item.spool_path, "rb") as spooled:
+                store.write(relpath, lambda handle: shutil.copyfileobj(spooled, handle, 1 << 20))
+            item.spool_path.unlink(missing_ok=True)
+            item.stored_key = relpath
+            return
+        final = store.path(relpath)
         if not final.parent.is_dir():
             final.parent.mkdir(parents=True, exist_ok=True)
             new_directories.add(final.parent)

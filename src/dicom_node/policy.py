@@ -26,7 +26,7 @@ from dataclasses import dataclass
 from enum import StrEnum
 from typing import Any
 
-from triage_core import audit
+from triage_core import audit, metrics
 from triage_core.db import Database
 from triage_core.states import AuditAction, AuditOutcome
 
@@ -134,6 +134,7 @@ class RefusalLog:
 
     def rejected(self, reason: str, *, kind: str, source: str, **detail: Any) -> None:
         """An association refused before it was established."""
+        metrics.node().associations_rejected.inc()
         self._report(AuditAction.ASSOCIATION_REJECTED, reason, kind=kind, source=source, **detail)
 
     def aborted(self, reason: str, *, kind: str, source: str, **detail: Any) -> None:

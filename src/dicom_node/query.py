@@ -17,11 +17,11 @@ from __future__ import annotations
 
 import fnmatch
 import logging
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import StrEnum
 from functools import lru_cache
 from pathlib import Path
-from typing import Iterable, Iterator
+from typing import Any, Iterable, Iterator
 
 from pydicom import dcmread
 from pydicom.dataelem import DataElement
@@ -71,7 +71,8 @@ class StoredObject:
     series_instance_uid: str
     sop_instance_uid: str
     sop_class_uid: str
-    path: Path
+    #: Its storage key, in `store` (the instances' or the results' store: a directory or an S3 prefix).
+    key: str
     #: Modality from the database (received images); empty for result objects (read from the file).
     modality: str
     #: "IMAGE" for a received instance, else the result kind (SR, HEATMAP, PARAMETRIC_MAP).
@@ -82,6 +83,11 @@ class StoredObject:
     accession_number: str = ""
     study_date: str = ""
     study_description: str = ""
+    store: Any = field(default=None, compare=False)
+
+    def local(self):
+        """A context manager giving a file path with the object's bytes (the file, or a local copy)."""
+        return self.store.local_path(self.key)
 
 
 def level_of(identifier: Dataset) -> Level:
@@ -244,22 +250,23 @@ class Catalogue:
             if len(modality) == 1 and "*" not in modality[0] and "?" not in modality[0]:
                 # Result objects have no modality column: their files are matched in Python.
                 images = images.where(Instance.modality == modality[0].strip())
+            storage = self.settings.storage
             for row in session.execute(images.order_by(Study.id, Instance.id)):
-                found.append(StoredObject(row[0], row[1], row[7], row[8], row[9],
-                                          self.settings.instances_dir / row[10], row[11], "IMAGE",
-                                          *row[2:7]))
+                found.append(StoredObject(row[0], row[1], row[7], row[8], row[9], row[10], row[11], "IMAGE",
+                                          *row[2:7], store=storage.instances))
             for row in session.execute(results.order_by(Study.id, ResultObject.id)):
-                found.append(StoredObject(row[0], row[1], row[7], row[8], row[9],
-                                          self.settings.results_dir / row[10], "", row[11], *row[2:7]))
+                found.append(StoredObject(row[0], row[1], row[7], row[8], row[9], row[10], "", row[11],
+                                          *row[2:7], store=storage.results))
         found.sort(key=lambda o: (o.study_id, o.kind != "IMAGE", o.series_instance_uid))
-        return [o for o in found if self._inside(o.path)]
+        return [o for o in found if self._inside(o)]
 
-    def _inside(self, path: Path) -> bool:
-        """Paths come from the database; serve nothing outside the data directory."""
+    @staticmethod
+    def _inside(stored: StoredObject) -> bool:
+        """Keys come from the database; serve nothing outside the store's directory or prefix."""
         try:
-            path.resolve().relative_to(self.settings.data_dir.resolve())
-        except ValueError:
-            log.error("stored path %s lies outside the data directory; not served", path)
+            stored.store.check_key(stored.key)
+        except FileNotFoundError:
+            log.error("stored key of %s leaves its store; not served", stored.sop_instance_uid)
             return False
         return True
 
@@ -278,7 +285,8 @@ class Catalogue:
                   retrieve_ae_title: str) -> Dataset | None:
         first = group[0]
         try:
-            header = read_header(first.path)
+            with first.local() as path:
+                header = read_header(path)
         except Exception as exc:  # a file that went missing or cannot be read: skip it, say so
             log.error("stored object %s cannot be read for C-FIND: %s", first.sop_instance_uid, exc)
             return None
@@ -333,7 +341,8 @@ class Catalogue:
         if stored.modality:
             return stored.modality
         try:
-            return str(read_header(stored.path).get("Modality", "") or "")
+            with stored.local() as path:
+                return str(read_header(path).get("Modality", "") or "")
         except Exception:
             return ""
 

@@ -201,6 +201,35 @@ class Lease(Base):
     until: Mapped[datetime] = mapped_column(AwareDateTime)
 
 
+class Heartbeat(Base):
+    """A model worker process or a DICOM node reporting in (triage_core.work.beat); readiness reads them.
+
+    A row not renewed for three heartbeat intervals is a process that is gone or stuck; the
+    sweeper forgets rows a day old.
+    """
+
+    __tablename__ = "heartbeats"
+
+    #: ``host:pid:start`` (triage_core.work.holder_id).
+    holder: Mapped[str] = mapped_column(String(128), primary_key=True)
+    #: "worker" or "node".
+    service: Mapped[str] = mapped_column(String(16))
+    hostname: Mapped[str] = mapped_column(String(255))
+    pid: Mapped[int] = mapped_column(Integer)
+    #: The cxr-triage version the process runs.
+    version: Mapped[str] = mapped_column(String(64), default="")
+    started_at: Mapped[datetime] = mapped_column(AwareDateTime, default=utcnow)
+    seen_at: Mapped[datetime] = mapped_column(AwareDateTime, default=utcnow, index=True)
+    model_name: Mapped[str] = mapped_column(String(128), default="")
+    model_version: Mapped[str] = mapped_column(String(64), default="")
+    #: "torch", "onnx", "onnx-int8" as loaded.
+    model_runtime: Mapped[str] = mapped_column(String(32), default="")
+    model_device: Mapped[str] = mapped_column(String(32), default="")
+    model_loaded: Mapped[bool] = mapped_column(Boolean, default=False)
+    #: Why the model could not be loaded (empty when it was, or for a node).
+    model_error: Mapped[str] = mapped_column(Text, default="")
+
+
 class AuditEvent(Base):
     """One audit event; rows are append-only (database triggers refuse UPDATE and DELETE).
 

@@ -1,19 +1,40 @@
-"""The one place configuration is read (environment variables, `.env`).
+"""The one place configuration is read (environment variables, and the env file that
+`CXR_TRIAGE_ENV_FILE` names).
 
 Names are fixed by DESIGN.md section 3; others script against them.
+A `.env` in the working directory is never read on its own: a production file left
+there must not configure a later local run (which could export to the real PACS).
 """
 
 from __future__ import annotations
 
+import difflib
 import ipaddress
+import os
 import re
+from collections.abc import Mapping
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
 from typing import Annotated, Literal
 
-from pydantic import Field, field_validator, model_validator
-from pydantic_settings import BaseSettings, NoDecode, SettingsConfigDict
+from pydantic import Field, ValidationError, field_validator, model_validator
+from pydantic_settings import (
+    BaseSettings,
+    DotEnvSettingsSource,
+    NoDecode,
+    PydanticBaseSettingsSource,
+    SettingsConfigDict,
+)
+
+ENV_PREFIX = "CXR_TRIAGE_"
+#: The env file to read (KEY=VALUE lines); unset = none. Read by Settings alone.
+ENV_FILE_VARIABLE = "CXR_TRIAGE_ENV_FILE"
+#: CXR_TRIAGE_* names that are not settings of the service but are known (the test suite's switch).
+OTHER_VARIABLES = frozenset({ENV_FILE_VARIABLE, "CXR_TRIAGE_REQUIRE_SERVICES"})
+LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL")
+#: Settings whose values are never echoed in an error message.
+SECRET_FIELDS = frozenset({"database_url", "broker_url", "api_key", "s3_secret_access_key"})
 
 #: 1-16 printable ASCII characters, no backslash (the DICOM value separator), not all spaces.
 _AE_TITLE = re.compile(r"^(?! *$)[\x20-\x5b\x5d-\x7e]{1,16}$")
@@ -112,9 +133,20 @@ def _split_list(value: object) -> object:
 class Settings(BaseSettings):
     """Every `CXR_TRIAGE_*` setting. Bad values stop start-up with a message."""
 
-    model_config = SettingsConfigDict(
-        env_prefix="CXR_TRIAGE_", env_file=".env", env_file_encoding="utf-8", extra="ignore"
-    )
+    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_file=None, env_file_encoding="utf-8", extra="ignore")
+
+    @classmethod
+    def settings_customise_sources(
+        cls, settings_cls: type[BaseSettings], init_settings: PydanticBaseSettingsSource,
+        env_settings: PydanticBaseSettingsSource, dotenv_settings: PydanticBaseSettingsSource,
+        file_secret_settings: PydanticBaseSettingsSource,
+    ) -> tuple[PydanticBaseSettingsSource, ...]:
+        """Arguments, then the environment, then the file CXR_TRIAGE_ENV_FILE names (if any)."""
+        env_file = env_file_path()
+        sources = [init_settings, env_settings]
+        if env_file is not None:
+            sources.append(DotEnvSettingsSource(settings_cls, env_file=env_file, env_file_encoding="utf-8"))
+        return (*sources, file_secret_settings)
 
     data_dir: Path = Path("./var")
     database_url: str = ""
@@ -173,6 +205,30 @@ class Settings(BaseSettings):
     #: false sends every attempt through the queue.
     export_inline: bool = True
     log_level: str = "INFO"
+    #: "json" (one object a line, for a collector) or "plain"; empty = plain on a terminal, else JSON.
+    log_format: Literal["", "json", "plain"] = ""
+    # Operability (README "Health and metrics").
+    #: Interface of the node's and the worker's Prometheus endpoints (the API serves /metrics itself).
+    metrics_host: str = "127.0.0.1"
+    #: Port of the node's /metrics (0 = none).
+    node_metrics_port: int = Field(9110, ge=0, le=65535)
+    #: Port of the worker's /metrics, gathered from its model processes (0 = none).
+    worker_metrics_port: int = Field(9111, ge=0, le=65535)
+    #: Every model process writes a heartbeat row this often; readiness wants one younger than three.
+    heartbeat_seconds: float = Field(10.0, gt=0)
+    #: Readiness fails when the data directory's file system has less free space than this.
+    min_free_disk_mb: int = Field(1024, ge=0)
+    #: Readiness reports "degraded" when an export has waited longer than this, or has given up.
+    export_backlog_minutes: float = Field(60.0, gt=0)
+    # Storage (triage_core.storage): instances and results.
+    #: Empty = files under the data directory; s3://bucket/prefix = an S3-compatible object store.
+    storage_url: str = ""
+    #: The S3 endpoint (MinIO, Ceph RGW, ...); empty = AWS's.
+    s3_endpoint_url: str = ""
+    s3_region: str = ""
+    #: S3 credentials; empty = boto3's own chain (AWS_* variables, instance profile).
+    s3_access_key_id: str = ""
+    s3_secret_access_key: str = ""
     # Authentication (README "Authentication"). API keys live in the database (`cxr-triage user`).
     #: OpenID Connect issuer URL (exactly the tokens' `iss`); empty = no OIDC.
     oidc_issuer: str = ""
@@ -317,6 +373,42 @@ class Settings(BaseSettings):
             raise ValueError(f"audit syslog {value!r} is not udp://host:port, tcp://host:port or tls://host:port")
         return value
 
+    @field_validator("log_level", mode="before")
+    @classmethod
+    def _log_level(cls, value: object) -> object:
+        if isinstance(value, str):
+            value = value.strip().upper()
+            if value not in LOG_LEVELS:
+                raise ValueError(f"{value.lower()!r} is not a log level: one of {', '.join(LOG_LEVELS)}")
+        return value
+
+    @field_validator("storage_url")
+    @classmethod
+    def _storage_url(cls, value: str) -> str:
+        if value and not re.match(r"^(file://.+|s3://[a-z0-9][a-z0-9.-]{1,61}[a-z0-9](/.*)?)$", value):
+            raise ValueError(f"{value!r} is neither s3://bucket[/prefix] nor file:///path")
+        return value
+
+    @field_validator("database_url")
+    @classmethod
+    def _database_driver(cls, value: str) -> str:
+        if not value:
+            return value
+        from sqlalchemy import make_url
+        from sqlalchemy.exc import ArgumentError, NoSuchModuleError
+
+        if value.startswith(("postgres://", "postgres+")):
+            raise ValueError("'postgres://' is not a SQLAlchemy URL: write postgresql+psycopg2://user:password@host/db")
+        try:
+            make_url(value).get_dialect()
+        except NoSuchModuleError:  # (a subclass of ArgumentError)
+            scheme = value.split("://", 1)[0]
+            raise ValueError(f"unknown database driver {scheme!r}: use postgresql+psycopg2:// or sqlite://") from None
+        except (ArgumentError, ValueError):
+            raise ValueError("not a SQLAlchemy URL (e.g. postgresql+psycopg2://user:password@host:5432/db or "
+                             "sqlite:////path/to/file.sqlite)") from None
+        return value
+
     @field_validator("database_url", "broker_url")
     @classmethod
     def _no_default_secret(cls, value: str, info) -> str:
@@ -376,6 +468,13 @@ class Settings(BaseSettings):
     def spool_dir(self) -> Path:
         return self.data_dir / "spool"
 
+    @cached_property
+    def storage(self):
+        """Instances and results (triage_core.storage): local files, or an S3-compatible store."""
+        from .storage import make_storage
+
+        return make_storage(self)
+
     @property
     def allowed_network_objects(self) -> list[ipaddress.IPv4Network | ipaddress.IPv6Network]:
         return [ipaddress.ip_network(item, strict=False) for item in self.allowed_networks]
@@ -401,3 +500,70 @@ class Settings(BaseSettings):
 
 def get_settings() -> Settings:
     return Settings()
+
+
+def env_name(field: str) -> str:
+    return f"{ENV_PREFIX}{field.upper()}"
+
+
+def env_file_path(environ: Mapping[str, str] | None = None) -> Path | None:
+    """The file CXR_TRIAGE_ENV_FILE names, or None; a named file that is missing is an error."""
+    environ = os.environ if environ is None else environ
+    raw = environ.get(ENV_FILE_VARIABLE, "").strip()
+    if not raw:
+        return None
+    path = Path(raw).expanduser()
+    if not path.is_file():
+        raise SettingsError([f"{ENV_FILE_VARIABLE}={raw}: no such file"])
+    return path
+
+
+class SettingsError(ValueError):
+    """Bad configuration, one line per problem, each naming its variable."""
+
+    def __init__(self, problems: list[str]) -> None:
+        super().__init__("; ".join(problems))
+        self.problems = problems
+
+
+def describe(exc: ValidationError) -> list[str]:
+    """A pydantic error as lines naming the variable (CXR_TRIAGE_DICOM_PORT), never the field (dicom_port);
+    values of secret settings are not repeated."""
+    lines = []
+    for error in exc.errors():
+        loc = [str(part) for part in error.get("loc", ())]
+        message = str(error.get("msg", "invalid value")).removeprefix("Value error, ")
+        if not loc:
+            lines.append(message)
+            continue
+        field = loc[0]
+        shown = ""
+        value = error.get("input")
+        if field not in SECRET_FIELDS and isinstance(value, (str, int, float)) and not isinstance(value, bool):
+            shown = f"={str(value)[:80]}"
+        lines.append(f"{env_name(field)}{shown}: {message}")
+    return lines
+
+
+def known_variables() -> set[str]:
+    return {env_name(name) for name in Settings.model_fields} | set(OTHER_VARIABLES)
+
+
+def unknown_variables(environ: Mapping[str, str] | None = None) -> list[tuple[str, str | None]]:
+    """CXR_TRIAGE_* variables that are no setting, each with the likeliest meant one (or None)."""
+    environ = os.environ if environ is None else environ
+    known = sorted(known_variables())
+    found = []
+    for name in sorted(environ):
+        if name.upper().startswith(ENV_PREFIX) and name.upper() not in known:
+            close = difflib.get_close_matches(name.upper(), known, n=1, cutoff=0.75)
+            found.append((name, close[0] if close else None))
+    return found
+
+
+def load_settings() -> Settings:
+    """Settings from the environment (and the env file); SettingsError names each bad variable."""
+    try:
+        return Settings()
+    except ValidationError as exc:
+        raise SettingsError(describe(exc)) from None

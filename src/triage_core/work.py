@@ -17,6 +17,9 @@ wins:
 * The sweeper also publishes again any queued work whose message is older
   than `requeue_after_seconds` (a broker restarted empty, a message lost),
   and every export whose next attempt is due.
+* Each model worker process and each DICOM node *beats*: a `heartbeats` row renewed every
+  `heartbeat_seconds`, saying whether its model is loaded (and why not). Readiness counts the
+  fresh ones; the sweeper forgets rows a day old.
 * An export that fails is rescheduled with exponential backoff and jitter
   (`next_attempt_at`); it ends EXPORT_FAILED only when the destination has
   refused for `export_give_up_hours`, and `request_export_retry` re-drives
@@ -36,13 +39,13 @@ from dataclasses import dataclass, field
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
 
-from sqlalchemy import and_, or_, select, update
+from sqlalchemy import and_, delete, or_, select, update
 from sqlalchemy.dialects.postgresql import insert as postgresql_insert
 from sqlalchemy.dialects.sqlite import insert as sqlite_insert
 from sqlalchemy.orm import Session
 
 from . import audit
-from .models import Export, Job, Lease, Study
+from .models import Export, Heartbeat, Job, Lease, Study
 from .settings import Settings
 from .states import AuditAction, ExportStatus, JobStatus, StudyStatus
 
@@ -51,13 +54,16 @@ __all__ = [
     "SweepResult",
     "WorkPolicy",
     "acquire_lease",
+    "beat",
     "claim_export",
     "claim_job",
     "export_delay",
     "export_failed",
     "export_succeeded",
+    "forget_heartbeat",
     "holder_id",
     "holder_is_dead",
+    "live_heartbeats",
     "mark_published",
     "mark_unpublished",
     "owns_job",
@@ -71,6 +77,8 @@ __all__ = [
 ]
 
 SWEEPER_LEASE = "sweeper"
+#: Heartbeat rows not renewed for this long are deleted by the sweeper.
+HEARTBEAT_FORGET = timedelta(days=1)
 _SWEEPER_ACTOR = "system:sweeper"
 
 
@@ -324,6 +332,48 @@ def request_export_retry(
     return exports
 
 
+# --- heartbeats ----------------------------------------------------------------------------------
+
+
+def beat(session: Session, *, holder: str, service: str, version: str = "", model: dict | None = None,
+         model_error: str = "", now: datetime | None = None) -> None:
+    """Create or renew `holder`'s heartbeat row. `model` is {name, version, runtime, device} once loaded."""
+    now = now or utcnow()
+    host = holder.rsplit(":", 2)[0] if holder.count(":") >= 2 else ""
+    values = {
+        "service": service, "hostname": host or socket.gethostname(), "pid": os.getpid(), "version": version,
+        "seen_at": now, "model_name": (model or {}).get("name", ""), "model_version": (model or {}).get("version", ""),
+        "model_runtime": (model or {}).get("runtime", ""), "model_device": (model or {}).get("device", ""),
+        "model_loaded": model is not None, "model_error": model_error[:2000],
+    }
+    dialect = session.get_bind().dialect.name
+    if dialect in ("sqlite", "postgresql"):
+        insert = sqlite_insert if dialect == "sqlite" else postgresql_insert
+        statement = insert(Heartbeat).values(holder=holder, started_at=now, **values)
+        session.execute(statement.on_conflict_do_update(index_elements=["holder"], set_=values))
+        return
+    row = session.get(Heartbeat, holder)
+    if row is None:
+        session.add(Heartbeat(holder=holder, started_at=now, **values))
+    else:
+        for key, value in values.items():
+            setattr(row, key, value)
+
+
+def forget_heartbeat(session: Session, holder: str) -> None:
+    """A process that stops cleanly removes its row (a crashed one's goes stale)."""
+    session.execute(delete(Heartbeat).where(Heartbeat.holder == holder))
+
+
+def live_heartbeats(session: Session, service: str, max_age: timedelta, now: datetime | None = None) -> list[Heartbeat]:
+    """The rows of `service` renewed within `max_age`, newest first."""
+    now = now or utcnow()
+    return list(session.scalars(
+        select(Heartbeat).where(Heartbeat.service == service, Heartbeat.seen_at >= now - max_age)
+        .order_by(Heartbeat.seen_at.desc())
+    ))
+
+
 # --- the sweeper ---------------------------------------------------------------------------------
 
 
@@ -365,6 +415,7 @@ def sweep(session: Session, policy: WorkPolicy, now: datetime | None = None) -> 
     message is to be published (never sent, lost, or due); marks that work as published now."""
     now = now or utcnow()
     result = SweepResult()
+    session.execute(delete(Heartbeat).where(Heartbeat.seen_at < now - HEARTBEAT_FORGET))
     for job in session.scalars(
         select(Job).where(Job.status == str(JobStatus.RUNNING), Job.locked_until < now).with_for_update(skip_locked=True)
     ):

@@ -66,6 +66,10 @@ def make_celery(settings: Settings) -> Celery:
         broker_connection_max_retries=None,
         broker_transport_options=transport_options,
         worker_hijack_root_logger=False,
+        # Task events for Flower or `celery events` on a real broker (the embedded transport has no
+        # fan-out exchange to carry them); the worker is started with --task-events there too.
+        worker_send_task_events=not settings.uses_embedded_broker,
+        task_send_sent_event=not settings.uses_embedded_broker,
         enable_utc=True,
     )
     return app

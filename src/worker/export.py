@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
+from contextlib import ExitStack
 
 from sqlalchemy import select
 
@@ -41,15 +41,17 @@ def export_once(settings: Settings, database: Database, export_id: int, *, now=N
             return "HELD" if existing.locked_until is not None else "NOT_DUE"
         destination = Destination.parse(export.destination)
         study_id = export.study_id
-    paths = result_paths(settings, database, study_id)
+    keys = result_keys(database, study_id)
     error = ""
     renew = lambda session: work.renew_export(session, export_id, holder, policy)  # noqa: E731
     started = time.perf_counter()
     with LeaseKeeper(database, renew, policy, f"export {export_id}"):
         try:
-            if not paths:
+            if not keys:
                 raise ExportError("no result objects to export")
-            send_files(destination, paths, calling_ae_title=settings.ae_title, settings=settings)
+            with ExitStack() as files:  # the files themselves, or local copies from an object store
+                paths = [files.enter_context(settings.storage.results.local_path(key)) for key in keys]
+                send_files(destination, paths, calling_ae_title=settings.ae_title, settings=settings)
         except (ExportError, OSError) as exc:
             error = str(exc) or type(exc).__name__
     sent_ms = 1000 * (time.perf_counter() - started)
@@ -69,16 +71,16 @@ def export_once(settings: Settings, database: Database, export_id: int, *, now=N
     log.info("export %s of study id %s to %s: %s%s%s", export_id, study_id, destination, status,
              f" ({error})" if error else "",
              f"; next attempt at {next_attempt:%H:%M:%S}" if status == ExportStatus.EXPORT_PENDING else "")
-    log.info("export %s stages ms: send=%.1f objects=%d", export_id, sent_ms, len(paths))
+    log.info("export %s stages ms: send=%.1f objects=%d", export_id, sent_ms, len(keys))
     return str(status)
 
 
-def result_paths(settings: Settings, database: Database, study_id: int) -> list[Path]:
-    """The files of the study's current result objects (never superseded ones)."""
+def result_keys(database: Database, study_id: int) -> list[str]:
+    """The storage keys of the study's current result objects (never superseded ones)."""
     with database.session() as session:
         rows = session.scalars(
             select(ResultObject)
             .where(ResultObject.study_id == study_id, ResultObject.superseded_at.is_(None))
             .order_by(ResultObject.id)
         ).all()
-        return [settings.results_dir / row.path for row in rows]
+        return [row.path for row in rows]

@@ -9,7 +9,7 @@ from __future__ import annotations
 import io
 import logging
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from collections.abc import Mapping
@@ -33,7 +33,7 @@ from triage_core.models import Export, Finding, Instance, Job, ResultObject, Stu
 from triage_core.priority import compute_priority, keep_priority, urgency_order
 from triage_core.settings import Settings
 from triage_core.states import AuditAction, ExportStatus, JobStatus, ResultKind, StudyStatus
-from triage_core.storage import atomic_write_all, result_relpath
+from triage_core.storage import result_relpath
 from triage_core.values import AlgorithmInfo, FindingResult, ImageResult
 
 log = logging.getLogger(__name__)
@@ -69,6 +69,7 @@ class JobOutcome:
     status: str
     reason: str = ""
     export_ids: tuple[int, ...] = ()
+    job_id: int = 0
 
 
 class _NativeCams(Mapping):
@@ -194,7 +195,7 @@ class Pipeline:
         holder = work.holder_id()
         first = self._claim(job_id, holder)
         if isinstance(first, JobOutcome):
-            return [first]
+            return [replace(first, job_id=job_id)]
         claims = [first] + self._claim_more(holder, first.job_id)
         job_ids = [c.job_id for c in claims]
 
@@ -327,7 +328,7 @@ class Pipeline:
                     outcomes[claim.job_id] = JobOutcome("LOST")
                 except Exception as exc:
                     outcomes[claim.job_id] = self._failed(claim, holder, exc)
-        return [outcomes[claim.job_id] for claim in claims]
+        return [replace(outcomes[claim.job_id], job_id=claim.job_id) for claim in claims]
 
     def _failed(self, claim: "_Claim", holder: str, exc: BaseException) -> JobOutcome:
         log.error("job %s (study id %s) failed", claim.job_id, claim.study_id, exc_info=exc)
@@ -425,8 +426,8 @@ class Pipeline:
             ]
             done = self._finish(session, job, study, StudyStatus.DONE, reason)
         if not self.settings.keep_superseded_results:
-            for path in retired:
-                path.unlink(missing_ok=True)
+            for relpath in retired:
+                self.settings.storage.results.delete(relpath)
         stages.mark("db")
         log.info("job %s stages ms: %s", job_id, stages)
         log.info("job %s: study id %s %s, priority %.1f, %d result object(s), model %s %s", job_id, study_id,
@@ -465,7 +466,7 @@ class Pipeline:
                 earlier.append(ds)
             return earlier
 
-    def _retire_superseded(self, session, study: Study, current: set[str], now: datetime) -> list[Path]:
+    def _retire_superseded(self, session, study: Study, current: set[str], now: datetime) -> list[str]:
         """Mark the study's result objects that this analysis did not make as superseded.
 
         They are never exported again nor listed by the API. Returns the files
@@ -483,7 +484,7 @@ class Pipeline:
                          file_kept=bool(self.settings.keep_superseded_results))
         if stale:
             log.info("study id %s: %d earlier result object(s) superseded", study.id, len(stale))
-        return [self.settings.results_dir / row.path for row in stale]
+        return [row.path for row in stale]
 
     def _select(self, study_id: int) -> tuple[list[Selected], list[str], dict[int, str]]:
         """Read, check and decode the study's instances: the eligible ones, and why the others are not
@@ -495,10 +496,10 @@ class Pipeline:
         refusals: list[str] = []
         reasons: dict[int, str] = {}
         for instance_id, sop_uid, relpath, sha256 in records:
-            path = self.settings.instances_dir / relpath
             reason = ""
             try:
-                ds = dcmread(path)
+                with self.settings.storage.instances.open(relpath) as handle:
+                    ds = dcmread(handle)
                 eligibility = check_eligibility(ds)
                 if eligibility.eligible:
                     display = display_array(ds)
@@ -532,9 +533,8 @@ class Pipeline:
         files = []
         for kind, ds, source_uid, finding in pairs:
             relpath = result_relpath(study_uid, str(ds.SOPInstanceUID))
-            files.append((self.settings.results_dir / relpath,
-                          lambda handle, ds=ds: ds.save_as(handle, enforce_file_format=True)))
+            files.append((relpath, lambda handle, ds=ds: ds.save_as(handle, enforce_file_format=True)))
             written.append((kind, ds, relpath, source_uid, finding))
-        atomic_write_all(files)  # durable before the transaction that records them commits
+        self.settings.storage.results.write_many(files)  # durable before the transaction that records them commits
         return written
 

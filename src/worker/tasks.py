@@ -14,9 +14,13 @@ from typing import Callable
 
 from celery import Celery
 
-from triage_core import work
+from sqlalchemy import select
+
+from triage_core import metrics, work
 from triage_core.db import Database
+from triage_core.models import Job, ResultObject, Study
 from triage_core.settings import Settings
+from triage_core.states import ExportStatus, ResultKind, StudyStatus
 
 from .celery_app import EXPORT_RESULTS, PROCESS_STUDY, QUEUE, Publisher
 from .export import export_once
@@ -35,12 +39,21 @@ def register_tasks(app: Celery, settings: Settings, database: Database, model_lo
     @app.task(name=PROCESS_STUDY, queue=QUEUE, acks_late=True, ignore_result=True)
     def process_study(job_id: int) -> str:
         outcomes = pipeline.run_jobs(int(job_id))
+        for outcome in outcomes:
+            metrics.worker().jobs_finished.labels(outcome.status).inc()
+            if outcome.status == StudyStatus.DONE and outcome.job_id:
+                observe_cstore_to_sr(database, outcome.job_id)
         exporter.submit([export_id for outcome in outcomes for export_id in outcome.export_ids])
         return outcomes[0].status
 
     @app.task(name=EXPORT_RESULTS, queue=QUEUE, acks_late=True, ignore_result=True)
     def export_results(export_id: int) -> str:
-        return export_once(settings, database, int(export_id))
+        status = export_once(settings, database, int(export_id))
+        if status == ExportStatus.EXPORTED:
+            metrics.worker().export_attempts.labels("success").inc()
+        elif status in (ExportStatus.EXPORT_PENDING, ExportStatus.EXPORT_FAILED):
+            metrics.worker().export_attempts.labels("failure").inc()
+        return status
 
     return pipeline
 
@@ -90,3 +103,21 @@ def publish_exports(database: Database, publisher: Publisher, export_ids: tuple[
     if sent:
         with database.session() as session:
             work.mark_published(session, export_ids=sent)
+
+
+def observe_cstore_to_sr(database: Database, job_id: int) -> None:
+    """cxr_triage_cstore_to_sr_seconds: from the study's last received instance to its SR stored."""
+    try:
+        with database.session() as session:
+            row = session.execute(
+                select(Study.last_instance_at, ResultObject.created_at)
+                .join(Job, Job.study_id == Study.id)
+                .join(ResultObject, ResultObject.study_id == Study.id)
+                .where(Job.id == job_id, ResultObject.kind == str(ResultKind.SR), ResultObject.superseded_at.is_(None))
+                .order_by(ResultObject.created_at.desc()).limit(1)
+            ).first()
+    except Exception:  # a metric never fails a job
+        log.warning("C-STORE-to-SR latency of job %s not recorded", job_id, exc_info=True)
+        return
+    if row is not None and row[0] is not None and row[1] is not None:
+        metrics.worker().cstore_to_sr_seconds.observe(max(0.0, (row[1] - row[0]).total_seconds()))

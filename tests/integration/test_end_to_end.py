@@ -41,6 +41,9 @@ class TriageService:
             "CXR_TRIAGE_DICOM_HOST": "127.0.0.1",
             "CXR_TRIAGE_API_PORT": str(self.api_port),
             "CXR_TRIAGE_API_HOST": "127.0.0.1",
+            # Ports of their own for the node's and the worker's /metrics (concurrent runs share the machine).
+            "CXR_TRIAGE_NODE_METRICS_PORT": str(free_port()),
+            "CXR_TRIAGE_WORKER_METRICS_PORT": str(free_port()),
             "CXR_TRIAGE_AE_TITLE": "CXR_TEST",
             "CXR_TRIAGE_SERIES_QUIET_SECONDS": "1",
             "CXR_TRIAGE_EXPORT_BACKOFF_SECONDS": "0.5",

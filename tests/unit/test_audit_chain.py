@@ -201,14 +201,11 @@ def test_concurrent_writers_in_several_processes_keep_one_linear_chain(db, datab
 def test_migration_chains_events_written_before_it(tmp_path):
     """Upgrading an 0002 database with audit rows chains them in id order; verify accepts the result."""
     from alembic import command
-    from alembic.config import Config
 
-    from cxr_triage.runtime import REPO_ROOT
+    from cxr_triage.runtime import alembic_config
 
     url = f"sqlite:///{tmp_path / 'old.sqlite'}"
-    config = Config(str(REPO_ROOT / "alembic.ini"))
-    config.attributes["database_url"] = url
-    config.attributes["configure_logging"] = False
+    config = alembic_config(url)
     command.upgrade(config, "0002")
     database = Database(url)
     with database.engine.begin() as connection:

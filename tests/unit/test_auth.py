@@ -143,8 +143,9 @@ def test_oidc_token_from_the_issuers_jwks_reads_the_worklist_as_its_user(oidc_cl
 @pytest.mark.parametrize(
     ("overrides", "fragment"),
     [
-        ({"exp": int(time.time()) - 120}, "ExpiredSignatureError"),
-        ({"nbf": int(time.time()) + 600}, "ImmatureSignatureError"),
+        # exp and nbf as seconds from now, made when the test runs (not at collection: a long run outlives 600 s)
+        ({"exp": -120}, "ExpiredSignatureError"),
+        ({"nbf": 600}, "ImmatureSignatureError"),
         ({"aud": "another-app"}, "InvalidAudienceError"),
         ({"iss": "http://127.0.0.1:1/realms/other"}, "InvalidIssuerError"),
         ({"exp": None}, "MissingRequiredClaimError"),
@@ -153,6 +154,8 @@ def test_oidc_token_from_the_issuers_jwks_reads_the_worklist_as_its_user(oidc_cl
 )
 def test_oidc_claims_are_checked(oidc_client, idp, overrides, fragment):
     client, database = oidc_client
+    now = int(time.time())
+    overrides = {k: now + v if k in ("exp", "nbf") and isinstance(v, int) else v for k, v in overrides.items()}
     response = client.get("/worklist", headers=bearer(idp.token(**overrides)))
     assert response.status_code == 401 and fragment in response.json()["detail"], response.json()
     assert response.headers["www-authenticate"].startswith("Bearer")
@@ -268,11 +271,13 @@ def keyed(tmp_path):
 
 
 def test_every_route_but_health_needs_credentials(keyed):
+    """Health and metrics answer without credentials (and carry no patient data); every other route needs them."""
     client, database, keys = keyed
     schema = client.get("/openapi.json").json()
     routes = [(path, method) for path, item in schema["paths"].items() for method in item]
     assert len(routes) > 20
-    public = {("/health", "get")}
+    public = {("/health", "get"), ("/health/live", "get"), ("/health/ready", "get"), ("/metrics", "get")}
+    assert public <= set(routes)
     for path, method in routes:
         concrete = path
         for name in ("study_instance_uid", "series_instance_uid", "sop_instance_uid"):
@@ -280,7 +285,9 @@ def test_every_route_but_health_needs_credentials(keyed):
         concrete = concrete.replace("{name}", "alice")
         response = client.request(method.upper(), concrete)
         if (path, method) in public:
-            assert response.status_code == 200
+            # /health/ready is 503 here (no worker, no node): an answer, not a refusal.
+            assert response.status_code == (503 if path == "/health/ready" else 200), (path, response.status_code)
+            assert "Doe^" not in response.text and "ACC1" not in response.text  # no patient data
             continue
         assert response.status_code == 401, (method, path, response.status_code)
         assert response.json()["detail"].startswith("credentials required")
@@ -294,7 +301,7 @@ def test_every_route_but_health_needs_credentials(keyed):
         # missing credentials are not events (a browser's first request), presented and refused ones are
         refused = session.scalars(select(AuditEvent).where(AuditEvent.action == "AUTH_REFUSED")).all()
         reads = session.scalars(select(AuditEvent).where(AuditEvent.action.like("READ%"))).all()
-    assert len(refused) == len(routes) - 1 and reads == []
+    assert len(refused) == len(routes) - len(public) and reads == []
     assert all(r.detail["key_prefix"] == "cxrk_AAAAAA" and "A" * 20 not in json.dumps(r.detail) for r in refused)
 
 

@@ -4,11 +4,10 @@ from __future__ import annotations
 
 import pytest
 from alembic.autogenerate import compare_metadata
-from alembic.config import Config
 from alembic.migration import MigrationContext
 from alembic.script import ScriptDirectory
 
-from cxr_triage.runtime import REPO_ROOT, upgrade_database
+from cxr_triage.runtime import alembic_config, upgrade_database
 from triage_core.db import make_engine
 from triage_core.models import Base
 from triage_core.settings import Settings
@@ -28,7 +27,7 @@ def test_upgrade_to_head_matches_the_models(database_url, tmp_path):
         with engine.connect() as connection:
             context = MigrationContext.configure(connection, opts={"compare_type": True})
             differences = compare_metadata(context, Base.metadata)
-            head = ScriptDirectory.from_config(Config(str(REPO_ROOT / "alembic.ini"))).get_current_head()
+            head = ScriptDirectory.from_config(alembic_config(database_url)).get_current_head()
             assert context.get_current_revision() == head
     finally:
         engine.dispose()

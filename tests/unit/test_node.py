@@ -27,7 +27,9 @@ CHEST = DATA / "cxr_dicom" / "cr_chest_pa_mono1_10bit_explicit_le.dcm"
 
 @pytest.fixture
 def node(tmp_path):
-    settings = Settings(data_dir=tmp_path / "var", dicom_port=free_port(), dicom_host="127.0.0.1", ae_title="NODE_TEST")
+    # The quiet period alone decides readiness here; the release path has its own test below.
+    settings = Settings(data_dir=tmp_path / "var", dicom_port=free_port(), dicom_host="127.0.0.1", ae_title="NODE_TEST",
+                        ready_on_release=False)
     settings.ensure_dirs()
     database = Database(settings.database_url)
     Base.metadata.create_all(database.engine)

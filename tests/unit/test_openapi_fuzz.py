@@ -39,11 +39,19 @@ EXAMPLES = 25
 @pytest.fixture(scope="module")
 def api(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fuzz")
-    settings = Settings(data_dir=tmp / "var", database_url=f"sqlite:///{tmp / 'fuzz.sqlite'}")
+    # A heartbeat long enough for the whole run: a worker and a node reported in, so /health/ready is 200.
+    settings = Settings(data_dir=tmp / "var", database_url=f"sqlite:///{tmp / 'fuzz.sqlite'}",
+                        heartbeat_seconds=3600, min_free_disk_mb=0)
     settings.ensure_dirs()
     database = Database(settings.database_url)
     Base.metadata.create_all(database.engine)
     seed(database, settings.results_dir)
+    from triage_core import work
+
+    with database.session() as session:
+        work.beat(session, holder="fuzz-host:1:1", service="worker", version="0",
+                  model={"name": "m", "version": "1", "runtime": "onnx", "device": "cpu"})
+        work.beat(session, holder="fuzz-host:2:1", service="node", version="0")
     keys = make_users(database, {ADMIN: Role.ADMIN})
     app = create_app(settings, database)
     yield app, {"Authorization": f"Bearer {keys[ADMIN]}"}

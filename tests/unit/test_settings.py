@@ -58,10 +58,43 @@ def test_every_design_variable_takes_effect(clean_env, tmp_path):
     assert settings.model_path == Path(f"{tmp_path}/model")
 
 
-def test_dot_env_file_is_read(clean_env, tmp_path):
+def test_env_file_is_read_only_when_named(clean_env, tmp_path):
+    """A production .env left in the working directory must not configure a later local run."""
     (tmp_path / ".env").write_text("CXR_TRIAGE_AE_TITLE=FROM_DOTENV\nCXR_TRIAGE_DICOM_PORT=4242\n")
+    assert (Settings().ae_title, Settings().dicom_port) == ("CXR_TRIAGE", 11112)
+    clean_env.setenv("CXR_TRIAGE_ENV_FILE", str(tmp_path / ".env"))
     settings = Settings()
     assert (settings.ae_title, settings.dicom_port) == ("FROM_DOTENV", 4242)
+    clean_env.setenv("CXR_TRIAGE_DICOM_PORT", "4343")  # the environment wins over the file
+    assert Settings().dicom_port == 4343
+
+
+def test_a_named_env_file_that_is_missing_is_an_error(clean_env, tmp_path):
+    from triage_core.settings import SettingsError, load_settings
+
+    clean_env.setenv("CXR_TRIAGE_ENV_FILE", str(tmp_path / "nowhere.env"))
+    with pytest.raises(SettingsError, match="CXR_TRIAGE_ENV_FILE=.*no such file"):
+        load_settings()
+
+
+def test_bad_values_are_named_by_their_variable_and_secrets_are_not_repeated(clean_env):
+    from triage_core.settings import SettingsError, load_settings
+
+    clean_env.setenv("CXR_TRIAGE_DICOM_PORT", "eleven")
+    clean_env.setenv("CXR_TRIAGE_DATABASE_URL", "mysql+nodriver://u:s3cr3t-value@db/x")
+    with pytest.raises(SettingsError) as error:
+        load_settings()
+    text = str(error.value)
+    assert "CXR_TRIAGE_DICOM_PORT=eleven" in text and "dicom_port" not in text
+    assert "CXR_TRIAGE_DATABASE_URL" in text and "s3cr3t-value" not in text
+
+
+def test_misspelt_variables_are_found_with_a_suggestion():
+    from triage_core.settings import unknown_variables
+
+    found = dict(unknown_variables({"CXR_TRIAGE_DICOM_PROT": "1", "CXR_TRIAGE_AE_TITLE": "X",
+                                    "CXR_TRIAGE_ENV_FILE": "", "CXR_TRIAGE_ZZZ": "1", "OTHER": "1"}))
+    assert found == {"CXR_TRIAGE_DICOM_PROT": "CXR_TRIAGE_DICOM_PORT", "CXR_TRIAGE_ZZZ": None}
 
 
 def test_empty_model_path_means_the_bundled_model(clean_env):
@@ -87,6 +120,11 @@ def test_empty_model_path_means_the_bundled_model(clean_env):
         ("CXR_TRIAGE_DICOM_TLS_ONLY", "true", "needs dicom_tls_port"),
         ("CXR_TRIAGE_EXPORT_DESTINATIONS", "PACS@h:104?tls&verify=no", "unknown option(s) verify"),
         ("CXR_TRIAGE_MOVE_DESTINATIONS", "PACS", "not AET@host:port"),
+        ("CXR_TRIAGE_LOG_LEVEL", "verbose", "not a log level"),
+        ("CXR_TRIAGE_LOG_FORMAT", "xml", "json"),
+        ("CXR_TRIAGE_DATABASE_URL", "postgres://u:x9f2@db/x", "postgresql+psycopg2://"),
+        ("CXR_TRIAGE_DATABASE_URL", "oracle+nothing://u:x9f2@db/x", "unknown database driver"),
+        ("CXR_TRIAGE_STORAGE_URL", "s3:/bucket", "s3://bucket"),
     ],
 )
 def test_bad_values_stop_start_up_with_a_message(clean_env, name, value, message):
@@ -100,9 +138,10 @@ def test_cli_reports_bad_configuration_without_a_traceback(clean_env, capsys):
     from cxr_triage.cli import main
 
     clean_env.setenv("CXR_TRIAGE_EXPORT_DESTINATIONS", "nonsense")
-    with pytest.raises(SystemExit) as stop:
-        main(["db", "upgrade"])
-    assert "bad configuration" in str(stop.value) and "AET@host:port" in str(stop.value)
+    assert main(["db", "upgrade"]) == 2
+    err = capsys.readouterr().err
+    assert "bad configuration: CXR_TRIAGE_EXPORT_DESTINATIONS=nonsense" in err and "AET@host:port" in err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(

@@ -272,7 +272,7 @@ def _selected(session, settings, study_instance_uid: str, series_instance_uid: s
         what = (f"instance {sop_instance_uid}" if sop_instance_uid else f"series {series_instance_uid}"
                 if series_instance_uid else "any instance")
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study_instance_uid} has no {what}")
-    missing = [o for o in objs if not o.path.is_file()]
+    missing = [o for o in objs if not o.exists()]
     if missing:
         log.error("study %s: the file of SOP %s is missing from storage", study_instance_uid,
                   missing[0].sop_instance_uid)
@@ -283,7 +283,9 @@ def _selected(session, settings, study_instance_uid: str, series_instance_uid: s
 
 def _transfer_syntax(obj: store.DicomObject) -> str:
     try:
-        return str(pydicom.filereader.read_file_meta_info(obj.path).TransferSyntaxUID)
+        with obj.open() as handle:
+            meta = pydicom.dcmread(handle, stop_before_pixels=True, specific_tags=[0x00080016]).file_meta
+        return str(meta.TransferSyntaxUID)
     except Exception:  # a file without a meta header: the part carries no transfer-syntax parameter
         return ""
 
@@ -295,10 +297,10 @@ def _multipart(objs: list[store.DicomObject]) -> StreamingResponse:
 
     def body() -> Iterator[bytes]:
         for obj, syntax in zip(objs, syntaxes):
-            size = obj.path.stat().st_size
+            size = obj.size()
             kind = f"application/dicom; transfer-syntax={syntax}" if syntax else "application/dicom"
             yield f"--{boundary}\r\nContent-Type: {kind}\r\nContent-Length: {size}\r\n\r\n".encode()
-            with open(obj.path, "rb") as handle:
+            with obj.open() as handle:
                 while chunk := handle.read(1 << 20):
                     yield chunk
             yield b"\r\n"
@@ -321,7 +323,7 @@ def _metadata(session, settings, principal: Principal, study_instance_uid: str, 
     study, objs = _selected(session, settings, study_instance_uid, series_instance_uid, sop_instance_uid)
     rows = []
     for obj in objs:
-        ds = store.header(obj.path)
+        ds = store.header(obj)
         ds.pop("PixelData", None)
         rows.append(ds.to_json_dict(bulk_data_threshold=1 << 30))
     audit.record(session, actor=principal.name, client_address=principal.client_address,
@@ -396,7 +398,8 @@ def retrieve_rendered_instance(session: SessionDep, settings: SettingsDep, princ
                             f"instance {sop_instance_uid} is a {obj.result_kind.replace('_', ' ').lower()}: "
                             "nothing to render (retrieve it as application/dicom)")
     try:
-        ds = pydicom.dcmread(obj.path)
+        with obj.open() as handle:
+            ds = pydicom.dcmread(handle)
         if obj.result_kind == ResultKind.HEATMAP or ds.get("PhotometricInterpretation") == "RGB":
             pixels = np.asarray(ds.pixel_array, dtype=np.uint8)
             image = Image.fromarray(pixels, mode="RGB")

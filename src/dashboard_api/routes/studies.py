@@ -87,7 +87,7 @@ def read_sr(session: SessionDep, settings: SettingsDep, principal: ReaderDep, st
     if not reports:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study.study_instance_uid} has no structured report")
     report = reports[0]
-    content = read_result_file(settings.results_dir, report)
+    content = read_result_file(settings.storage.results, report)
     audit.record(session, actor=principal.name, client_address=principal.client_address, action=AuditAction.READ_SR,
                  study=study, sop_instance_uid=report.sop_instance_uid)
     return DicomResponse(
@@ -102,7 +102,7 @@ def _read_all(session, settings, principal: Principal, study, kind: ResultKind, 
     if not objects:
         raise HTTPException(status.HTTP_404_NOT_FOUND, f"study {study.study_instance_uid} has no {noun}s")
     objects.sort(key=lambda r: r.id)
-    parts = [read_result_file(settings.results_dir, o) for o in objects]
+    parts = [read_result_file(settings.storage.results, o) for o in objects]
     audit.record(session, actor=principal.name, client_address=principal.client_address, action=action, study=study,
                  sop_instance_uids=[o.sop_instance_uid for o in objects])
     return MultipartDicomResponse(parts)
@@ -119,7 +119,7 @@ def _read_one(session, settings, principal: Principal, study, sop_instance_uid: 
         raise HTTPException(
             status.HTTP_404_NOT_FOUND, f"{noun} {sop_instance_uid} not found in study {study.study_instance_uid}"
         )
-    content = read_result_file(settings.results_dir, found[0])
+    content = read_result_file(settings.storage.results, found[0])
     audit.record(session, actor=principal.name, client_address=principal.client_address, action=action, study=study,
                  sop_instance_uids=[sop_instance_uid])
     return DicomResponse(

@@ -1,7 +1,7 @@
 """studies.released_at: the sending association was released after the study's last instance
 
-Revision ID: 0005_ready_on_release
-Revises: 0004_work_leases
+Revision ID: 0006_ready_on_release
+Revises: 0005_operability
 Create Date: 2026-11-27 18:00:00
 """
 from typing import Sequence, Union
@@ -9,8 +9,8 @@ from typing import Sequence, Union
 import sqlalchemy as sa
 from alembic import op
 
-revision: str = "0005_ready_on_release"
-down_revision: Union[str, None] = "0004_work_leases"
+revision: str = "0006_ready_on_release"
+down_revision: Union[str, None] = "0005_operability"
 branch_labels: Union[str, Sequence[str], None] = None
 depends_on: Union[str, Sequence[str], None] = None
 
@@ -21,5 +21,6 @@ def upgrade() -> None:
 
 
 def downgrade() -> None:
-    with op.batch_alter_table("studies", schema=None) as batch_op:
-        batch_op.drop_column("released_at")
+    # A plain ALTER TABLE ... DROP COLUMN (SQLite >= 3.35): batch mode would copy and drop `studies`,
+    # which the foreign keys from instances, results and audit_events forbid once rows exist.
+    op.drop_column("studies", "released_at")
