@@ -48,12 +48,7 @@ def register_tasks(app: Celery, settings: Settings, database: Database, model_lo
 
     @app.task(name=EXPORT_RESULTS, queue=QUEUE, acks_late=True, ignore_result=True)
     def export_results(export_id: int) -> str:
-        status = export_once(settings, database, int(export_id))
-        if status == ExportStatus.EXPORTED:
-            metrics.worker().export_attempts.labels("success").inc()
-        elif status in (ExportStatus.EXPORT_PENDING, ExportStatus.EXPORT_FAILED):
-            metrics.worker().export_attempts.labels("failure").inc()
-        return status
+        return export_counted(settings, database, int(export_id))
 
     return pipeline
 
@@ -84,9 +79,19 @@ class InlineExporter:
 
     def _run(self, export_id: int) -> None:
         try:
-            export_once(self.settings, self.database, export_id)
+            export_counted(self.settings, self.database, export_id)
         except Exception:  # rescheduled or taken back by the sweeper: nothing is lost
             log.exception("inline export %s failed; the sweeper will take it up", export_id)
+
+
+def export_counted(settings: Settings, database: Database, export_id: int) -> str:
+    """One export attempt, queued or inline, counted in cxr_triage_export_attempts_total."""
+    status = export_once(settings, database, export_id)
+    if status == ExportStatus.EXPORTED:
+        metrics.worker().export_attempts.labels("success").inc()
+    elif status in (ExportStatus.EXPORT_PENDING, ExportStatus.EXPORT_FAILED):
+        metrics.worker().export_attempts.labels("failure").inc()
+    return status
 
 
 def publish_exports(database: Database, publisher: Publisher, export_ids: tuple[int, ...] | list[int]) -> None:

@@ -195,13 +195,17 @@ def test_two_nodes_and_a_worker_share_postgresql_redis_and_an_s3_bucket(
 
         node_text = [_get(f"http://127.0.0.1:{port}/metrics")[1] for port in node_metrics]
         assert [_sample(t, "cxr_triage_instances_received_total", outcome="stored") for t in node_text] == [1, 1]
-        worker_text = _get(f"http://127.0.0.1:{worker_metrics}/metrics")[1]
+        # The inline export counts its attempt just after it commits EXPORTED: poll for it.
+        def worker_exported():
+            text = _get(f"http://127.0.0.1:{worker_metrics}/metrics")[1]
+            return text if _sample(text, "cxr_triage_export_attempts_total", outcome="success") >= 1 else None
+
+        worker_text = wait_until(worker_exported, 30, what="the worker's export attempt metric")
         # (one job, or two when the second image came after the 1 s quiet period had made the study ready)
         jobs_done = _sample(worker_text, "cxr_triage_jobs_finished_total", outcome="DONE")
         assert jobs_done >= 1
         assert _sample(worker_text, "cxr_triage_cstore_to_sr_seconds_count") == jobs_done
         assert _sample(worker_text, "cxr_triage_model_seconds_count", runtime="torch") >= 1
-        assert _sample(worker_text, "cxr_triage_export_attempts_total", outcome="success") >= 1
         assert _sample(worker_text, "cxr_triage_model_loaded") == 1
         assert "cxr_triage_cstore_seconds" not in worker_text and "cxr_triage_model" not in node_text[0]
         api_text = _get(f"{api}/metrics")[1]
