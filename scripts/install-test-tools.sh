@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # Debian packages the test suite runs against: Orthanc (+ DICOMweb plugin) as the PACS, dcmtk's
-# storescu/findscu/getscu/movescu/dsrdump as DICOM peers, dicom3tools' dciodvfy, openssl, PostgreSQL and Redis.
+# storescu/findscu/getscu/movescu/dsrdump as DICOM peers, dicom3tools' dciodvfy, openssl, PostgreSQL and Redis,
+# and Chromium, which Playwright drives for the worklist page's tests (never `playwright install`).
 # Installs only what is missing, and only as root (apt); otherwise it says what is missing and
 # leaves it to `make test`, which then fails on the first test that needs it.
 # Used by both `make test` and `.ci/run`, so that the README's test command alone works on a new machine.
@@ -14,6 +15,7 @@ command -v dciodvfy >/dev/null || need+=(dicom3tools)
 command -v openssl >/dev/null || need+=(openssl)  # certificates for the DICOM TLS tests
 command -v pg_ctlcluster >/dev/null || command -v pg_isready >/dev/null || need+=(postgresql)
 command -v redis-server >/dev/null || need+=(redis-server)
+[ -x /usr/bin/chromium ] || need+=(chromium)
 
 if [ ${#need[@]} -eq 0 ]; then
   echo "test tools: all present"

@@ -20,6 +20,7 @@ from typing import Any
 
 from . import metadata as _metadata
 from .errors import ModelError
+from .labels import DEFAULT_URGENCY, UNKNOWN_LABEL_URGENCY, URGENCY_CLASSES
 
 CARD_FILE = "model_card.json"
 ARCHITECTURE = "monai.DenseNet121"
@@ -58,6 +59,9 @@ class ModelCard:
     #: the metadata vector the network takes beside the image (see :mod:`cxr_model.metadata`); {} = none.
     #: Absent from the JSON of a model without metadata, so older cards read (and write) unchanged.
     metadata_inputs: dict[str, Any] = field(default_factory=dict)
+    #: how soon each flagged finding needs a radiologist: one of URGENCY_CLASSES per label. A card
+    #: without it (or without some labels) gets DEFAULT_URGENCY, and "urgent" for labels it does not know.
+    urgency: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         def bad(field_name: str, why: str) -> ModelError:
@@ -138,6 +142,16 @@ class ModelCard:
             object.__setattr__(self, "metadata_inputs", _metadata.check_card_entry(self.metadata_inputs))
         except ValueError as exc:
             raise bad("metadata_inputs", str(exc)) from None
+        if not isinstance(self.urgency, Mapping):
+            raise bad("urgency", f"must be an object of label: class, got {self.urgency!r}")
+        unknown = sorted(set(self.urgency) - set(labels))
+        if unknown:
+            raise bad("urgency", f"unknown label(s) {unknown}")
+        for label, urgency_class in self.urgency.items():
+            if urgency_class not in URGENCY_CLASSES:
+                raise bad("urgency", f"{label} = {urgency_class!r} is not one of {', '.join(URGENCY_CLASSES)}")
+        object.__setattr__(self, "urgency", {
+            label: self.urgency.get(label) or DEFAULT_URGENCY.get(label, UNKNOWN_LABEL_URGENCY) for label in labels})
 
     @property
     def takes_metadata(self) -> bool:

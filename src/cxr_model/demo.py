@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 
 from .card import ModelCard
-from .labels import FINDINGS
+from .labels import DEFAULT_URGENCY, FINDINGS
 from .network import build_network
 from .paths import bundled_demo_path
 from .store import write_model_dir
@@ -58,6 +58,7 @@ def build_demo_model(out_dir: str | os.PathLike[str], *, input_size: int = 224, 
             "thresholds": "0.5 for every finding: an arbitrary placeholder, not an operating point",
             "weights_dtype_note": "stored as float16 to keep the package small; cast to float32 on load",
         },
+        urgency={f: DEFAULT_URGENCY[f] for f in FINDINGS},
     )
     return card
 

@@ -102,7 +102,7 @@ def run_demo(settings: Settings, host: str = "127.0.0.1", timeout: float = 180.0
         label = f"{model.get('name', '')} {model.get('version', '')}".strip()
         if model.get("demo"):
             label += " (DEMO WEIGHTS)"
-        print(f"  {item['priority']:7.1f}  {item['status']:<10} {item['study_instance_uid']}  "
+        print(f"  {item['priority']['name']:<17} {item['status']:<10} {item['study_instance_uid']}  "
               f"acc={item.get('accession_number') or '-'}  {findings}  {item.get('status_reason', '')}  {label}")
     waiting = pending(worklist)
     if waiting:

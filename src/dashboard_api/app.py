@@ -13,8 +13,10 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 
 from triage_core.db import Database
+from triage_core.priority import WorklistPolicy
 from triage_core.settings import Settings
 
+from . import page
 from .auth import Authenticator
 from .routes import api_router
 
@@ -93,11 +95,16 @@ def create_app(
             if owns_database:
                 database.dispose()
 
-    app = FastAPI(title=TITLE, version=package_version(), description=DESCRIPTION, lifespan=lifespan)
+    # Swagger UI and ReDoc come from the package (page.py), never from a CDN.
+    app = FastAPI(title=TITLE, version=package_version(), description=DESCRIPTION, lifespan=lifespan, docs_url=None,
+                  redoc_url=None)
     app.state.settings = settings
     app.state.database = database
+    app.state.worklist_policy = WorklistPolicy.from_settings(settings)
     app.state.authenticator = authenticator if authenticator is not None else Authenticator(settings, database)
     app.add_exception_handler(RequestValidationError, _validation_error)
     app.add_exception_handler(Exception, _unhandled_error)
     app.include_router(api_router)
+    app.include_router(page.router)
+    page.mount_static(app)
     return app

@@ -4,13 +4,16 @@ from __future__ import annotations
 
 from collections import defaultdict
 from collections.abc import Iterable, Sequence
+import dataclasses
 from dataclasses import dataclass
 from datetime import datetime, timezone
+from functools import lru_cache
 
-from sqlalchemy import func, select, text
+from sqlalchemy import Integer, bindparam, case, exists, false, func, literal, select, text, union_all
 from sqlalchemy.orm import Session, selectinload
 
-from triage_core.models import AuditEvent, Export, Finding, ResultObject, Study
+from triage_core import priority
+from triage_core.models import AuditEvent, AwareDateTime, Export, Finding, ResultObject, Study
 from triage_core.states import AuditAction, ExportStatus, ResultKind, StudyStatus
 
 TOP_FINDINGS = 3
@@ -50,28 +53,181 @@ def latest_model(*, session: Session) -> tuple[str, str, bool] | None:
     return (row[0], row[1], bool(row[2])) if row else None
 
 
-def list_worklist(
-    *, session: Session, statuses: Sequence[StudyStatus], limit: int, offset: int
-) -> tuple[list[Study], int]:
-    """A page of studies in priority order (priority DESC, then received_at ASC) and the total count."""
-    where = [Study.status.in_([str(s) for s in statuses])] if statuses else []
-    count = session.execute(select(func.count()).select_from(Study).where(*where)).scalar_one()
-    studies = (
-        session.execute(
-            select(Study)
-            .where(*where)
-            .order_by(Study.priority.desc(), Study.received_at.asc(), Study.id.asc())
-            .limit(limit)
-            .offset(offset)
-        )
-        .scalars()
-        .all()
+#: The worklist counts matching studies up to this many: counting a million rows would be most of a page's time.
+COUNT_CAP = 1_000
+
+
+@dataclass(frozen=True)
+class WorklistPage:
+    studies: list[Study]
+    #: The level each study was ordered by (the SQL's own verdict; -1 for read studies).
+    levels: list[int]
+    count: int
+    count_exact: bool
+
+
+@dataclass(frozen=True)
+class _Shape:
+    """What decides the worklist statement's text; the values ride in bound parameters."""
+
+    read: bool | None
+    #: How many statuses the filter names (each gets members of its own: see list_worklist).
+    statuses: int
+    finding: bool
+    received_from: bool
+    received_to: bool
+    #: (base, ((level, step number), ...)) for every base level: the policy's structure, not its minutes.
+    steps: tuple
+
+
+def _filters(shape: _Shape) -> list:
+    where = []
+    if shape.finding:
+        # Bare ``present`` (not IS TRUE), the predicate of the partial index ix_findings_flagged.
+        where.append(exists().where(Finding.study_id == Study.id, Finding.finding == bindparam("finding"),
+                                    Finding.present))
+    if shape.received_from:
+        where.append(Study.received_at >= bindparam("received_from", type_=AwareDateTime))
+    if shape.received_to:
+        where.append(Study.received_at <= bindparam("received_to", type_=AwareDateTime))
+    return where
+
+
+def _bound(base: int, step: int) -> str:
+    return f"reached_{base + 1}_{step}"  # base -1 (awaiting analysis) -> reached_0_...
+
+
+@lru_cache(maxsize=128)
+def _statements(shape: _Shape):
+    """(page, count) statements for one shape, built once: SQLAlchemy's compiled cache then serves them."""
+    where = _filters(shape)
+    n = bindparam("n", type_=Integer)
+    # A status filter splits every member by status, so that each stays one ordered range of an index
+    # (ix_studies_waiting, or ix_studies_status_waiting / ix_studies_status_read with the status first)
+    # instead of a scan of a base level's whole range for the few rows in that status.
+    by_status = [[Study.status == bindparam(f"status_{i}")] for i in range(shape.statuses)] or [[]]
+    members = []
+    if shape.read is not True:
+        for base, steps in shape.steps:
+            # The level an unread study of this base stands at: waiting_since against one bound per step
+            # (now minus the wait that step needs), highest first.
+            whens = [(Study.waiting_since <= bindparam(_bound(base, step), type_=AwareDateTime), level)
+                     for level, step in reversed(steps[1:])]
+            level = case(*whens, else_=steps[0][0]) if whens else literal(steps[0][0], Integer)
+            could_flag = []
+            if shape.finding:
+                # A study whose finding of class c is flagged has a base level of at least c's (levels never
+                # drop): a base below every class the finding was ever flagged with cannot match, and this
+                # uncorrelated test (evaluated once, from ix_findings_flagged) spares its whole range.
+                classes = [c for c, lvl in priority.URGENCY_LEVELS.items() if lvl <= base]
+                if base >= priority.URGENCY_LEVELS[priority.UNKNOWN_URGENCY]:
+                    classes.append("")  # rows written before classes existed count as urgent
+                could_flag.append(exists().where(Finding.finding == bindparam("finding"), Finding.present,
+                                                 Finding.urgency.in_(classes)) if classes else false())
+            for status in by_status:
+                members.append(
+                    select(Study.id.label("id"), literal(0, Integer).label("grp"), level.label("lvl"),
+                           Study.waiting_since.label("at"))
+                    .where(*where, *could_flag, *status, Study.read_at.is_(None), Study.priority_level == base)
+                    .order_by(Study.waiting_since, Study.id)
+                    .limit(n)
+                )
+    if shape.read is not False:
+        for status in by_status:
+            members.append(
+                select(Study.id.label("id"), literal(1, Integer).label("grp"), literal(-1, Integer).label("lvl"),
+                       Study.read_at.label("at"))
+                .where(*where, *status, Study.read_at.is_not(None))
+                .order_by(Study.read_at.desc(), Study.id.desc())
+                .limit(n)
+            )
+    # SQLite wants a compound member with its own ORDER BY/LIMIT inside a subquery.
+    page = union_all(*(select(*member.subquery().c) for member in members)).subquery("page")
+    unread, read_rows = page.c.grp == 0, page.c.grp == 1
+    page_statement = (
+        select(page.c.id, page.c.lvl)
+        .order_by(page.c.grp, page.c.lvl.desc(), case((unread, page.c.at)), case((read_rows, page.c.at)).desc(),
+                  case((unread, page.c.id)), case((read_rows, page.c.id)).desc())
+        .limit(bindparam("limit", type_=Integer))
+        .offset(bindparam("offset", type_=Integer))
     )
-    return list(studies), count
+    read_where = [] if shape.read is None else [Study.read_at.is_not(None) if shape.read else Study.read_at.is_(None)]
+    if shape.statuses:
+        read_where.append(Study.status.in_([bindparam(f"status_{i}") for i in range(shape.statuses)]))
+    if shape.finding:
+        # Counted from the finding's side (ix_findings_flagged): the studies where it is flagged, capped,
+        # rather than every study tested for it until the cap is reached.
+        others = _filters(dataclasses.replace(shape, finding=False))
+        counted = (select(Study.id).join(Finding, Finding.study_id == Study.id)
+                   .where(Finding.finding == bindparam("finding"), Finding.present, *others, *read_where)
+                   .distinct())
+    else:
+        counted = select(Study.id).where(*where, *read_where)
+    count_statement = select(func.count()).select_from(counted.limit(bindparam("cap", type_=Integer)).subquery())
+    return page_statement, count_statement
+
+
+_STUDIES_BY_ID = select(Study).where(Study.id.in_(bindparam("ids", expanding=True)))
+
+
+def list_worklist(
+    *,
+    session: Session,
+    policy: priority.WorklistPolicy,
+    now: datetime,
+    statuses: Sequence[StudyStatus] = (),
+    finding: str | None = None,
+    received_from: datetime | None = None,
+    received_to: datetime | None = None,
+    read: bool | None = None,
+    limit: int,
+    offset: int,
+) -> WorklistPage:
+    """A page of the worklist in the order of ``triage_core.priority``, ordered and paged by the database.
+
+    Unread studies first, by level (highest first) then longest waiting first; then read studies,
+    most recently read first. A study's level depends on ``now`` (age escalation), so no column can
+    hold it; but for one base level it only grows with the time waited, so that base's studies in
+    ``waiting_since`` order are already in worklist order. Hence one member per base level, each a
+    range scan of ``ix_studies_waiting`` (priority_level, waiting_since, id) WHERE read_at IS NULL
+    that stops after offset + limit rows, its level a CASE over ``waiting_since`` against bounds
+    (now minus each step's wait) bound as parameters; plus one member for read studies
+    (``ix_studies_read``). UNION ALL, ORDER BY, LIMIT/OFFSET: the database sorts at most
+    8 x (offset + limit) rows, whatever the table holds. The count stops at COUNT_CAP.
+    """
+    all_steps = {base: policy.steps(base) for base in priority.Level}
+    statuses = list(dict.fromkeys(str(s) for s in statuses))
+    shape = _Shape(read=read, statuses=len(statuses), finding=finding is not None,
+                   received_from=received_from is not None, received_to=received_to is not None,
+                   steps=tuple((int(base), tuple((int(level), i) for i, (level, _) in enumerate(steps)))
+                               for base, steps in all_steps.items()))
+    params = {"n": offset + limit, "limit": limit, "offset": offset, "cap": COUNT_CAP + 1}
+    params.update({f"status_{i}": status for i, status in enumerate(statuses)})
+    if finding is not None:
+        params["finding"] = finding
+    if received_from is not None:
+        params["received_from"] = _utc(received_from)
+    if received_to is not None:
+        params["received_to"] = _utc(received_to)
+    if read is not True:
+        for base, steps in all_steps.items():
+            for i, (_, wait) in enumerate(steps[1:], start=1):
+                params[_bound(int(base), i)] = now - wait
+    page_statement, count_statement = _statements(shape)
+    rows = session.execute(page_statement, params).all()
+    by_id = {s.id: s for s in session.scalars(_STUDIES_BY_ID, {"ids": [r.id for r in rows]})}
+    counted = session.execute(count_statement, params).scalar_one()
+    return WorklistPage(
+        studies=[by_id[r.id] for r in rows],
+        levels=[int(r.lvl) for r in rows],
+        count=min(counted, COUNT_CAP),
+        count_exact=counted <= COUNT_CAP,
+    )
 
 
 def top_findings(*, session: Session, study_ids: Iterable[int], n: int = TOP_FINDINGS) -> dict[int, list[Finding]]:
-    """Per study, up to ``n`` present findings, highest probability first (one per finding name)."""
+    """Per study, up to ``n`` flagged findings, most urgent class first, then highest probability
+    (one per finding name: the image where it scored highest)."""
     ids = list(study_ids)
     if not ids:
         return {}
@@ -80,14 +236,15 @@ def top_findings(*, session: Session, study_ids: Iterable[int], n: int = TOP_FIN
         .where(Finding.study_id.in_(ids), Finding.present.is_(True))
         .order_by(Finding.study_id, Finding.probability.desc(), Finding.id)
     ).scalars()
-    best: dict[int, list[Finding]] = defaultdict(list)
-    seen: dict[int, set[str]] = defaultdict(set)
+    best: dict[int, dict[str, Finding]] = defaultdict(dict)
     for finding in rows:
-        # Several images of a study may report the same finding: keep its highest probability.
-        if len(best[finding.study_id]) < n and finding.finding not in seen[finding.study_id]:
-            seen[finding.study_id].add(finding.finding)
-            best[finding.study_id].append(finding)
-    return dict(best)
+        best[finding.study_id].setdefault(finding.finding, finding)
+
+    def rank(f: Finding):
+        return (-priority.URGENCY_LEVELS.get(f.urgency, priority.URGENCY_LEVELS[priority.UNKNOWN_URGENCY]),
+                -f.probability, f.finding)
+
+    return {study_id: sorted(found.values(), key=rank)[:n] for study_id, found in best.items()}
 
 
 def export_counts(*, session: Session, study_ids: Iterable[int]) -> dict[int, ExportCounts]:

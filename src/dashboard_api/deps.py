@@ -9,6 +9,7 @@ from fastapi import Depends, HTTPException, Path, Request, status
 from sqlalchemy.orm import Session
 
 from triage_core.db import Database
+from triage_core.priority import WorklistPolicy
 from triage_core.models import Study
 from triage_core.settings import Settings
 from triage_core.storage import is_valid_uid
@@ -26,6 +27,10 @@ def uid_path(description: str):
 
 def get_settings(request: Request) -> Settings:
     return request.app.state.settings
+
+
+def get_policy(request: Request) -> WorklistPolicy:
+    return request.app.state.worklist_policy
 
 
 def get_database(request: Request) -> Database:
@@ -50,6 +55,7 @@ def valid_study_instance_uid(
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 DatabaseDep = Annotated[Database, Depends(get_database)]
+PolicyDep = Annotated[WorklistPolicy, Depends(get_policy)]
 SessionDep = Annotated[Session, Depends(get_session, scope="function")]
 StudyInstanceUidDep = Annotated[str, Depends(valid_study_instance_uid)]
 

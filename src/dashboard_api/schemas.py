@@ -22,6 +22,10 @@ MAX_WORKLIST_LIMIT = 500
 MAX_AUDIT_LIMIT = 1000
 #: Offsets beyond any list we hold (and within every database's integers).
 MAX_OFFSET = 1_000_000_000
+#: The worklist is read from its top; deeper pages cost the database offset + limit rows per level.
+MAX_WORKLIST_OFFSET = 100_000
+#: A finding name as model cards spell them (Pleural_Thickening, Lung Opacity).
+FINDING_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9_ ()/-]{0,63}$"
 #: A DICOM UID (digits and dots, no leading zeros), as declared in the OpenAPI schema.
 UID_PATTERN = r"^(0|[1-9][0-9]*)(\.(0|[1-9][0-9]*))*$"
 
@@ -77,10 +81,12 @@ class FindingBase(_Output):
     finding: str
     probability: float = Field(ge=0.0, le=1.0)
     threshold: float = Field(ge=0.0, le=1.0, description="Operating point: present when probability >= threshold")
+    urgency: str = Field(description="The finding's urgency class in the model card that scored it: critical, "
+                                     "urgent, routine or minor")
 
 
 class TopFinding(FindingBase):
-    """A present finding on the worklist (highest probability over the study's images)."""
+    """A flagged finding on the worklist (highest probability over the study's images), most urgent first."""
 
 
 class FindingPublic(FindingBase):
@@ -179,6 +185,47 @@ class JobPublic(_Output):
     error: str
 
 
+# --- priority ---------------------------------------------------------------
+
+LevelName = Literal["critical", "urgent", "not_analysed", "routine", "minor", "nothing_flagged", "awaiting_analysis"]
+AnalysisName = Literal["flagged", "nothing_flagged", "not_analysed", "awaiting_analysis"]
+
+
+class PriorityFinding(BaseModel):
+    """A flagged finding that sets the study's level."""
+
+    finding: str
+    urgency: str = Field(description="critical, urgent, routine or minor (from the model card)")
+    probability: float = Field(ge=0.0, le=1.0)
+    threshold: float = Field(ge=0.0, le=1.0)
+
+
+class PriorityPublic(BaseModel):
+    """Where a study stands in the worklist, and why (README "Worklist policy")."""
+
+    level: int = Field(ge=0, le=5, description="5 critical, 4 urgent, 3 not analysed, 2 routine, 1 minor, "
+                                               "0 nothing flagged or awaiting analysis; higher is read first")
+    name: LevelName = Field(description="The level's name; awaiting_analysis is level 0 but not 'nothing flagged'")
+    base: LevelName = Field(description="The level the study's results give, before escalation by age")
+    analysis: AnalysisName = Field(description="flagged / nothing_flagged: the model scored it; not_analysed: "
+                                               "SKIPPED or FAILED, no model opinion; awaiting_analysis: not yet")
+    waiting: bool = Field(description="False once a radiologist marked it read")
+    escalated: bool = Field(description="Raised above its base level by the time it has waited")
+    waiting_since: datetime
+    next_escalation_at: datetime | None = Field(description="When it climbs one level if still unread")
+    next_level: LevelName | None
+    flagged: list[PriorityFinding] = Field(description="Flagged findings, most urgent first")
+    explanation: str = Field(description="The priority in words: what set it, what kept it, how age raised it")
+
+
+class PolicyPublic(BaseModel):
+    """The escalation in force (CXR_TRIAGE_WORKLIST_ESCALATION_MINUTES)."""
+
+    escalation_minutes: dict[str, float] = Field(description="Minutes an unread study waits at a level before it "
+                                                             "climbs one")
+    ceiling: LevelName = Field(description="Age raises a study at most to this level")
+
+
 # --- studies ----------------------------------------------------------------
 
 
@@ -190,20 +237,26 @@ class StudyBase(_Output):
     study_date: str
     status: StudyStatus
     status_reason: str = Field(description="Why a study was SKIPPED or FAILED (empty otherwise)")
-    priority: float
+    priority: PriorityPublic
     received_at: datetime
     updated_at: datetime
     model: ModelInfo | None = Field(description="null until a model has processed the study")
+    read_at: datetime | None = Field(description="When a radiologist marked it read (null while it waits)")
+    read_by: str
 
 
 class WorklistItemPublic(StudyBase):
-    top_findings: list[TopFinding] = Field(description="Up to 3 present findings, highest probability first")
+    top_findings: list[TopFinding] = Field(description="Up to 3 flagged findings, most urgent class first, then "
+                                                       "highest probability")
     export: ExportSummary
 
 
 class WorklistPublic(BaseModel):
     data: list[WorklistItemPublic]
-    count: int = Field(description="Studies matching the filter (before limit/offset)")
+    count: int = Field(description="Studies matching the filter (before limit/offset), counted up to 1,000")
+    count_exact: bool = Field(description="False when more than 1,000 studies match (count is then 1,000)")
+    as_of: datetime = Field(description="The moment the levels and ages were computed for")
+    policy: PolicyPublic
     disclaimer: str
 
 
@@ -219,7 +272,56 @@ class StudyDetailPublic(StudyBase):
     export: ExportSummary
     exports: list[ExportPublic]
     jobs: list[JobPublic]
+    viewer_url: str | None = Field(description="Opens the study in the hospital's viewer "
+                                               "(CXR_TRIAGE_VIEWER_URL_TEMPLATE); null when none is configured")
     disclaimer: str
+
+
+class StudyReadPublic(BaseModel):
+    """A study's read state."""
+
+    study_instance_uid: str
+    read_at: datetime | None
+    read_by: str
+    priority: PriorityPublic
+
+
+# --- structured report as text ------------------------------------------------
+
+
+class SrItemPublic(BaseModel):
+    """One content item of the SR content tree (PS3.3 C.17.3), its value made readable."""
+
+    relationship: str = Field(description="CONTAINS, HAS OBS CONTEXT, HAS CONCEPT MOD, HAS PROPERTIES, "
+                                          "INFERRED FROM...; empty for the root")
+    value_type: str = Field(description="CONTAINER, CODE, NUM, TEXT, UIDREF, IMAGE, PNAME, DATETIME...")
+    name: str = Field(description="The concept name's meaning")
+    code: str = Field(description="The concept name as (value, scheme), e.g. (126000, DCM)")
+    value: str = Field(description="The value in words: code meaning, number with its UCUM unit, text, UID...")
+    children: list["SrItemPublic"] = []
+
+
+class SrContentPublic(BaseModel):
+    """The study's structured report as readable content (the newest, if re-processed)."""
+
+    sop_instance_uid: str
+    series_instance_uid: str
+    title: str
+    completion_flag: str
+    verification_flag: str
+    content_datetime: str
+    root: SrItemPublic
+    text: str = Field(description="The same tree as indented text, one content item per line")
+    disclaimer: str
+
+
+class PrincipalPublic(BaseModel):
+    """Who the credentials belong to, and what they may do."""
+
+    name: str
+    roles: list[Role]
+    method: Literal["api-key", "oidc", "local"]
+    permissions: list[str]
 
 
 # --- audit -------------------------------------------------------------------
@@ -322,8 +424,15 @@ class WorklistQuery(_Input):
     status: list[StudyStatus] = Field(
         default_factory=list, description="Only studies in these states (repeat the parameter for several)"
     )
+    finding: str | None = Field(None, min_length=1, max_length=64, pattern=FINDING_PATTERN,
+                                description="Only studies where this finding is flagged (e.g. Pneumothorax)")
+    received_from: datetime | None = Field(None, description="Only studies received at or after (ISO 8601; "
+                                                             "without a time zone it is read as UTC)")
+    received_to: datetime | None = Field(None, description="Only studies received at or before (ISO 8601)")
+    read: bool | None = Field(None, description="false: only studies waiting to be read; true: only read ones; "
+                                                "absent: both, waiting ones first")
     limit: int = Field(100, ge=1, le=MAX_WORKLIST_LIMIT)
-    offset: int = Field(0, ge=0, le=MAX_OFFSET)
+    offset: int = Field(0, ge=0, le=MAX_WORKLIST_OFFSET)
 
 
 class AuditQuery(_Input):

@@ -16,7 +16,7 @@ RGB as displayed).
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import highdicom as hd
 import numpy as np
@@ -64,17 +64,19 @@ def image_comments(finding: FindingResult, algorithm: AlgorithmInfo) -> str:
 
 def shown_findings(
     source: pydicom.Dataset, result: ImageResult, cams: Mapping[str, np.ndarray], what: str,
-    order: Sequence[str] = (),
+    rank: Mapping[str, int] | None = None,
 ) -> tuple[tuple[FindingResult, ...], bool]:
-    """The findings that get a map: the positive ones, most urgent first (`order`, then the
-    probability), else the most probable one as a summary; and whether it is the summary."""
+    """The findings that get a map: the positive ones, most urgent first (the lowest `rank`, then the
+    highest probability; unranked findings last), else the most probable one as a summary; and whether
+    it is the summary."""
     if str(source.get("SOPInstanceUID", "")) != result.sop_instance_uid:
         raise ValueError(f"{what}: the result is for SOP Instance UID {result.sop_instance_uid}, "
                          f"not the source's {source.get('SOPInstanceUID')}")
     if not result.findings:
         raise ValueError(f"{what}: the result has no findings")
-    rank = {name: index for index, name in enumerate(order)}
-    positive = sorted(result.positive, key=lambda f: (rank.get(f.finding, len(rank)), -f.probability))
+    rank = rank or {}
+    last = max(rank.values(), default=0) + 1
+    positive = sorted(result.positive, key=lambda f: (rank.get(f.finding, last), -f.probability))
     shown = tuple(positive) or (max(result.findings, key=lambda f: f.probability),)
     missing = [f.finding for f in shown if f.finding not in cams]
     if missing:
@@ -90,15 +92,16 @@ class HeatmapOptions:
     max_side: int = MAX_SIDE
     per_finding: int = 2
     compress: bool = True
-    #: Finding names, most urgent first: who gets an image of its own.
-    order: tuple[str, ...] = ()
+    #: Who gets an image of their own: the lowest rank first, then the highest probability
+    #: (triage_core.priority.heatmap_rank: the model card's urgency classes).
+    rank: Mapping[str, int] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not 64 <= self.max_side <= 4096:
             raise ValueError("max_side must be 64 to 4096 pixels")
         if self.per_finding < 0:
             raise ValueError("per_finding must not be negative")
-        object.__setattr__(self, "order", tuple(self.order))
+        object.__setattr__(self, "rank", dict(self.rank))
 
 
 def build_heatmaps(
@@ -138,7 +141,7 @@ def heatmaps_by_finding(
     Raises:
         ValueError: mismatching SOP Instance UID, no findings, or a missing CAM.
     """
-    shown, summary = shown_findings(source, result, cams, "build_heatmaps", options.order)
+    shown, summary = shown_findings(source, result, cams, "build_heatmaps", options.rank)
     key = image_key(result)
     grey = backdrop(display, options.max_side)
     pictures: list[tuple[str, str, np.ndarray, str, str]] = []  # (name, kind, rgb, comments, derivation)

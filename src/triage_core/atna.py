@@ -84,6 +84,9 @@ SHAPES: dict[AuditAction, Shape] = {
     AuditAction.READ_STUDY: Shape(INSTANCES_ACCESSED, "R"),
     AuditAction.READ_METADATA: Shape(INSTANCES_ACCESSED, "R"),
     AuditAction.READ_SR: Shape(INSTANCES_TRANSFERRED, "R"),
+    # A radiologist records that a study has been read (its worklist state, not its images, changes).
+    AuditAction.MARKED_READ: Shape(INSTANCES_ACCESSED, "U"),
+    AuditAction.MARKED_UNREAD: Shape(INSTANCES_ACCESSED, "U"),
     AuditAction.READ_HEATMAPS: Shape(INSTANCES_TRANSFERRED, "R"),
     AuditAction.READ_PARAMETRIC_MAPS: Shape(INSTANCES_TRANSFERRED, "R"),
     AuditAction.READ_INSTANCES: Shape(INSTANCES_TRANSFERRED, "R"),

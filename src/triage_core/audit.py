@@ -29,6 +29,7 @@ from sqlalchemy import event as sa_event
 from sqlalchemy import text
 from sqlalchemy.orm import Session
 
+from . import priority
 from .audit_chain import HEAD_ID, event_hash, json_safe
 from .models import AuditEvent, Study
 from .states import AuditAction, AuditOutcome, StudyStatus
@@ -78,10 +79,15 @@ def record(
 def set_status(
     session: Session, study: Study, status: StudyStatus, *, actor: str, reason: str = ""
 ) -> None:
-    """Change a study's status and write the transition as an event row."""
+    """Change a study's status and write the transition as an event row.
+
+    The worklist priority follows (``priority.record_status``): SKIPPED and FAILED count as not
+    analysed, and new images for a study that was read make it wait again.
+    """
     previous = study.status
     study.status = str(status)
     study.status_reason = reason
+    priority.record_status(study, str(status), reason, datetime.now(timezone.utc))
     session.flush()
     record(
         session,

@@ -11,12 +11,14 @@ from sqlalchemy import (
     DateTime,
     Float,
     ForeignKey,
+    Index,
     Integer,
     String,
     Text,
     TypeDecorator,
     UniqueConstraint,
     event,
+    text,
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column, relationship
 
@@ -54,6 +56,11 @@ UID = String(64)
 AwareDateTime = UTCDateTime()
 
 
+def _received_at(context) -> datetime:
+    """A new study starts waiting when it arrives."""
+    return context.get_current_parameters().get("received_at") or utcnow()
+
+
 class Study(Base):
     __tablename__ = "studies"
 
@@ -66,8 +73,7 @@ class Study(Base):
     study_description: Mapped[str] = mapped_column(String(64), default="")
     status: Mapped[str] = mapped_column(String(16), index=True)
     status_reason: Mapped[str] = mapped_column(Text, default="")
-    priority: Mapped[float] = mapped_column(Float, default=0.0, index=True)
-    received_at: Mapped[datetime] = mapped_column(AwareDateTime, default=utcnow)
+    received_at: Mapped[datetime] = mapped_column(AwareDateTime, default=utcnow, index=True)
     last_instance_at: Mapped[datetime] = mapped_column(AwareDateTime, default=utcnow, index=True)
     #: When an association that sent instances of the study was released after its last instance:
     #: the sender says it is done, and the quiet period ends early (CXR_TRIAGE_READY_ON_RELEASE).
@@ -76,6 +82,31 @@ class Study(Base):
     model_name: Mapped[str] = mapped_column(String(128), default="")
     model_version: Mapped[str] = mapped_column(String(64), default="")
     model_demo: Mapped[bool] = mapped_column(Boolean, default=False)
+    # The worklist policy (triage_core.priority): the base level only ever rises; age escalation is
+    # computed from waiting_since when the worklist is read, never written by a timer.
+    #: -1 awaiting analysis, 0 nothing flagged, 1 minor, 2 routine, 3 not analysed, 4 urgent, 5 critical.
+    priority_level: Mapped[int] = mapped_column(Integer, default=-1)
+    #: What set the level, for its explanation: the flagged findings with their urgency class, or the
+    #: SKIPPED/FAILED reason, and what an earlier result kept.
+    priority_detail: Mapped[dict] = mapped_column(JSON, default=dict)
+    #: Since when the study waits to be read: its arrival, or new images after it was read.
+    waiting_since: Mapped[datetime] = mapped_column(AwareDateTime, default=_received_at)
+    #: Marked read by a radiologist (then it leaves the waiting queue); None while waiting.
+    read_at: Mapped[datetime | None] = mapped_column(AwareDateTime, nullable=True)
+    read_by: Mapped[str] = mapped_column(String(128), default="")
+
+    __table_args__ = (
+        # One range scan per base level gives a worklist page in priority order (dashboard_api.crud).
+        Index("ix_studies_waiting", "priority_level", "waiting_since", "id",
+              sqlite_where=text("read_at IS NULL"), postgresql_where=text("read_at IS NULL")),
+        Index("ix_studies_read", "read_at", "id",
+              sqlite_where=text("read_at IS NOT NULL"), postgresql_where=text("read_at IS NOT NULL")),
+        # The same with the status first, for a worklist filtered by status.
+        Index("ix_studies_status_waiting", "status", "priority_level", "waiting_since", "id",
+              sqlite_where=text("read_at IS NULL"), postgresql_where=text("read_at IS NULL")),
+        Index("ix_studies_status_read", "status", "read_at", "id",
+              sqlite_where=text("read_at IS NOT NULL"), postgresql_where=text("read_at IS NOT NULL")),
+    )
 
     instances: Mapped[list["Instance"]] = relationship(back_populates="study", order_by="Instance.id")
     findings: Mapped[list["Finding"]] = relationship(back_populates="study", order_by="Finding.id")
@@ -130,7 +161,12 @@ class Job(Base):
 
 class Finding(Base):
     __tablename__ = "findings"
-    __table_args__ = (UniqueConstraint("study_id", "sop_instance_uid", "finding"),)
+    __table_args__ = (
+        UniqueConstraint("study_id", "sop_instance_uid", "finding"),
+        # The worklist's finding filter: the studies where a finding is flagged.
+        Index("ix_findings_flagged", "finding", "urgency", "study_id",
+              sqlite_where=text("present"), postgresql_where=text("present")),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     study_id: Mapped[int] = mapped_column(ForeignKey("studies.id"), index=True)
@@ -139,6 +175,8 @@ class Finding(Base):
     probability: Mapped[float] = mapped_column(Float)
     threshold: Mapped[float] = mapped_column(Float)
     present: Mapped[bool] = mapped_column(Boolean)
+    #: The finding's urgency class from the model card that scored it (critical, urgent, routine, minor).
+    urgency: Mapped[str] = mapped_column(String(16), default="")
 
     study: Mapped[Study] = relationship(back_populates="findings")
 

@@ -101,6 +101,8 @@ ROLES = ("radiologist", "auditor", "admin")
 DEFAULT_SECRETS = frozenset({"cxr", "cxr_triage", "change-me", "changeme", "changethis", "postgres", "password",
                              "secret", "admin", "redis", "default", "example"})
 _SYSLOG = re.compile(r"^(udp|tcp|tls)://[^/:]+:\d{1,5}$")
+#: What a viewer URL template may name (never patient names or birth dates: URLs end up in logs).
+VIEWER_PLACEHOLDERS = frozenset({"study_instance_uid", "accession_number"})
 
 
 def _secure_url(url: str) -> bool:
@@ -252,6 +254,22 @@ class Settings(BaseSettings):
     audit_syslog_ca_file: Path | None = None
     #: The API key `cxr-triage demo` sends (a client setting; the API never reads it).
     api_key: str = ""
+    # The worklist page (README "The worklist page").
+    #: The page's client id at the identity provider (a public client: authorization code + PKCE, no
+    #: secret); empty = the page offers API key login only.
+    oidc_client_id: str = ""
+    #: Scopes the page asks for (space-separated); add the API's scope where the provider needs one.
+    oidc_scopes: str = "openid profile"
+    #: Link to open a study in the hospital's viewer: an http(s) URL with {study_instance_uid} and/or
+    #: {accession_number} placeholders; empty = no link.
+    viewer_url_template: str = ""
+    #: How often the page reloads the worklist (each load is a READ_WORKLIST audit event).
+    worklist_refresh_seconds: float = Field(15.0, ge=2, le=3600)
+    # The worklist policy (README "Worklist policy", triage_core.priority).
+    #: `level=minutes` comma list: how long an unread study waits at a level before it climbs one;
+    #: levels not named keep their default (awaiting_analysis=10, nothing_flagged=240, minor=120,
+    #: routine=60, not_analysed=30).
+    worklist_escalation_minutes: Annotated[dict[str, float], NoDecode] = {}
 
     # --- The DICOM edge (dicom_node): bounds against hostile or broken peers, TLS, Query/Retrieve,
     # receiving processes. README "Configuration" explains each default and how it was chosen.
@@ -366,6 +384,48 @@ class Settings(BaseSettings):
                 raise ValueError(f"OIDC role map names role {role!r}: one of {', '.join(ROLES)}")
         return value
 
+    @field_validator("worklist_escalation_minutes", mode="before")
+    @classmethod
+    def _escalation(cls, value: object) -> object:
+        if isinstance(value, str):
+            minutes: dict[str, float] = {}
+            for item in _split_list(value):
+                level, sep, number = item.partition("=")
+                try:
+                    minutes[level.strip()] = float(number)
+                except ValueError:
+                    raise ValueError(f"worklist escalation entry {item!r} is not level=minutes") from None
+                if not sep:
+                    raise ValueError(f"worklist escalation entry {item!r} is not level=minutes")
+            value = minutes
+        from .priority import WorklistPolicy
+
+        WorklistPolicy.from_minutes(value)  # names the unknown level or the bad number
+        return value
+
+    @field_validator("viewer_url_template")
+    @classmethod
+    def _viewer(cls, value: str) -> str:
+        value = value.strip()
+        if not value:
+            return value
+        import string
+        from urllib.parse import urlsplit
+
+        try:
+            names = {name for _, name, _, _ in string.Formatter().parse(value) if name is not None}
+        except ValueError as exc:
+            raise ValueError(f"viewer URL template: {exc}") from None
+        unknown = sorted(names - VIEWER_PLACEHOLDERS)
+        if unknown:
+            raise ValueError(f"viewer URL template: unknown placeholder(s) {unknown}; "
+                             f"allowed: {', '.join('{' + n + '}' for n in sorted(VIEWER_PLACEHOLDERS))}")
+        if not names:
+            raise ValueError("viewer URL template names no study: use {study_instance_uid} or {accession_number}")
+        if urlsplit(value.replace("{", "").replace("}", "")).scheme not in ("http", "https"):
+            raise ValueError("viewer URL template must be an http:// or https:// URL")
+        return value
+
     @field_validator("audit_syslog")
     @classmethod
     def _syslog(cls, value: str) -> str:
@@ -431,8 +491,8 @@ class Settings(BaseSettings):
                                  "tokens are checked for our audience, never accepted for any")
             if not _secure_url(self.oidc_issuer):
                 raise ValueError("CXR_TRIAGE_OIDC_ISSUER must be an https:// URL (http:// only on loopback)")
-        elif self.oidc_audience or self.oidc_jwks_file:
-            raise ValueError("CXR_TRIAGE_OIDC_AUDIENCE / _JWKS_FILE need CXR_TRIAGE_OIDC_ISSUER")
+        elif self.oidc_audience or self.oidc_jwks_file or self.oidc_client_id:
+            raise ValueError("CXR_TRIAGE_OIDC_AUDIENCE / _JWKS_FILE / _CLIENT_ID need CXR_TRIAGE_OIDC_ISSUER")
         return self
 
     @property

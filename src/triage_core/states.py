@@ -57,6 +57,9 @@ class AuditAction(StrEnum):
     READ_WORKLIST = "READ_WORKLIST"
     READ_STUDY = "READ_STUDY"
     READ_SR = "READ_SR"
+    # A radiologist marked a study read (it leaves the waiting queue) or unread again
+    MARKED_READ = "MARKED_READ"
+    MARKED_UNREAD = "MARKED_UNREAD"
     READ_HEATMAPS = "READ_HEATMAPS"
     READ_PARAMETRIC_MAPS = "READ_PARAMETRIC_MAPS"
     READ_AUDIT = "READ_AUDIT"
@@ -103,21 +106,3 @@ ROLE_PERMISSIONS: dict[Role, frozenset[Permission]] = {
     Role.ADMIN: frozenset({Permission.READ_STUDIES, Permission.READ_AUDIT, Permission.OPERATE}),
 }
 
-
-#: Priority added per positive finding: urgent findings first.
-FINDING_WEIGHTS: dict[str, float] = {
-    "Pneumothorax": 100.0,
-    "Effusion": 40.0,
-    "Pneumonia": 40.0,
-    "Consolidation": 35.0,
-    "Edema": 35.0,
-    "Mass": 30.0,
-    "Cardiomegaly": 20.0,
-    "Atelectasis": 20.0,
-    "Nodule": 20.0,
-    "Infiltration": 15.0,
-    "Hernia": 10.0,
-    "Emphysema": 10.0,
-    "Fibrosis": 10.0,
-    "Pleural_Thickening": 5.0,
-}

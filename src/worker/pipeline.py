@@ -30,7 +30,7 @@ from triage_core import audit, work
 from .leases import LeaseKeeper
 from triage_core.db import Database
 from triage_core.models import Export, Finding, Instance, Job, ResultObject, Study
-from triage_core.priority import compute_priority, keep_priority, urgency_order
+from triage_core import priority as worklist_priority
 from triage_core.settings import Settings
 from triage_core.states import AuditAction, ExportStatus, JobStatus, ResultKind, StudyStatus
 from triage_core.storage import result_relpath
@@ -151,6 +151,7 @@ class Pipeline:
         self.settings = settings
         self.database = database
         self.policy = work.WorkPolicy.from_settings(settings)
+        self.worklist_policy = worklist_priority.WorklistPolicy.from_settings(settings)
         self._model_loader = model_loader
         self._model = None
 
@@ -175,7 +176,7 @@ class Pipeline:
             for name in card.labels))
         objects = build_results([source], [display], [result], [prediction.cams], algorithm_info(card, model.runtime),
                                 parametric_maps=self.settings.parametric_map,
-                                heatmaps=self._heatmap_options(card.labels),
+                                heatmaps=self._heatmap_options(card),
                                 native_cams_per_image=[_NativeCams(prediction.cams)])
         for ds in objects:
             ds.save_as(io.BytesIO(), enforce_file_format=True)
@@ -296,7 +297,13 @@ class Pipeline:
             except Exception as exc:
                 outcomes[claim.job_id] = self._failed(claim, holder, exc)
         if prepared:
-            model = self.model
+            try:
+                model = self.model
+            except Exception as exc:  # the model cannot load: each study FAILED with why, as before batching
+                for claim, _, _, _, reasons in prepared:
+                    outcomes[claim.job_id] = self._failed(claim, holder, exc, reasons)
+                prepared = []
+        if prepared:
             images = [s for _, _, selected, _, _ in prepared for s in selected]
             started = time.perf_counter()
             try:
@@ -305,8 +312,8 @@ class Pipeline:
             except Exception as exc:
                 predictions = None  # one study's images may be at fault: each study on its own below
                 if len(prepared) == 1:
-                    claim = prepared[0][0]
-                    outcomes[claim.job_id] = self._failed(claim, holder, exc)
+                    claim, reasons = prepared[0][0], prepared[0][4]
+                    outcomes[claim.job_id] = self._failed(claim, holder, exc, reasons)
                     prepared = []
             model_ms = 1000 * (time.perf_counter() - started)
             offset = 0
@@ -327,15 +334,20 @@ class Pipeline:
                                 "left to the worker that holds it now", claim.job_id, claim.study_id)
                     outcomes[claim.job_id] = JobOutcome("LOST")
                 except Exception as exc:
-                    outcomes[claim.job_id] = self._failed(claim, holder, exc)
+                    outcomes[claim.job_id] = self._failed(claim, holder, exc, reasons)
         return [replace(outcomes[claim.job_id], job_id=claim.job_id) for claim in claims]
 
-    def _failed(self, claim: "_Claim", holder: str, exc: BaseException) -> JobOutcome:
+    def _failed(self, claim: "_Claim", holder: str, exc: BaseException,
+                reasons: dict[int, str] | None = None) -> JobOutcome:
+        """FAILED with why; `reasons` (each instance's eligibility, when it was decided) is recorded too,
+        so that the worklist still shows which images were eligible."""
         log.error("job %s (study id %s) failed", claim.job_id, claim.study_id, exc_info=exc)
         reason = f"{type(exc).__name__}: {exc}"[:2000]
         try:
             with self.database.session() as session:
                 job = self._owned(session, claim.job_id, holder)
+                if reasons is not None:
+                    self._record_eligibility(session, claim.study_id, reasons)
                 self._finish(session, job, session.get(Study, claim.study_id), StudyStatus.FAILED, reason,
                              job_error=reason)
         except LeaseLost:
@@ -370,14 +382,13 @@ class Pipeline:
             [p.cams for p in predictions],
             algorithm,
             parametric_maps=self.settings.parametric_map,
-            heatmaps=self._heatmap_options(card.labels),
+            heatmaps=self._heatmap_options(card),
             native_cams_per_image=[_NativeCams(p.cams) for p in predictions],
             predecessors=self._earlier_reports(study_id, study_uid, sr_uid(image_results, algorithm)),
         )
         stages.mark("build")
         written = self._write_results(study_uid, objects, algorithm)
         stages.mark("write")
-        priority = compute_priority(f for r in image_results for f in r.findings)
         positives = sorted({f.finding for r in image_results for f in r.positive})
         reason = ("positive: " + ", ".join(positives)) if positives else "no finding above its operating threshold"
         if refusals:
@@ -393,6 +404,7 @@ class Pipeline:
                     session.add(Finding(
                         study_id=study_id, sop_instance_uid=result.sop_instance_uid, finding=finding.finding,
                         probability=finding.probability, threshold=finding.threshold, present=finding.present,
+                        urgency=worklist_priority.urgency_of(finding.finding, card.urgency),
                     ))
             now = datetime.now(timezone.utc)
             existing = {row.sop_instance_uid: row for row in session.scalars(
@@ -416,7 +428,8 @@ class Pipeline:
                 audit.record(session, actor=ACTOR, action=AuditAction.RESULT_STORED, study=study, kind=kind,
                              sop_instance_uid=str(ds.SOPInstanceUID), model_version=algorithm.version)
             retired = self._retire_superseded(session, study, {str(ds.SOPInstanceUID) for _, ds, *_ in written}, now)
-            study.priority = keep_priority(study.priority, priority)
+            priority = worklist_priority.record_analysis(
+                study, (f for r in image_results for f in r.findings), card.urgency, self.worklist_policy, now)
             study.model_name = algorithm.name
             study.model_version = algorithm.version
             study.model_demo = algorithm.demo
@@ -430,8 +443,8 @@ class Pipeline:
                 self.settings.storage.results.delete(relpath)
         stages.mark("db")
         log.info("job %s stages ms: %s", job_id, stages)
-        log.info("job %s: study id %s %s, priority %.1f, %d result object(s), model %s %s", job_id, study_id,
-                 "DONE" if done else "superseded", priority, len(written), algorithm.name, algorithm.version)
+        log.info("job %s: study id %s %s, priority %s, %d result object(s), model %s %s", job_id, study_id,
+                 "DONE" if done else "superseded", priority.key, len(written), algorithm.name, algorithm.version)
         return JobOutcome(str(StudyStatus.DONE), reason, tuple(export_ids))
 
     @staticmethod
@@ -443,9 +456,11 @@ class Pipeline:
             instance.eligible = not reason
             instance.eligibility_reason = reason
 
-    def _heatmap_options(self, labels) -> HeatmapOptions:
+    def _heatmap_options(self, card) -> HeatmapOptions:
+        """Heatmap settings; the findings with images of their own are the card's most urgent classes."""
         return HeatmapOptions(max_side=self.settings.heatmap_max_side, per_finding=self.settings.heatmap_findings,
-                              compress=self.settings.heatmap_compression == "jpeg", order=urgency_order(labels))
+                              compress=self.settings.heatmap_compression == "jpeg",
+                              rank=worklist_priority.heatmap_rank(card.labels, card.urgency))
 
     def _earlier_reports(self, study_id: int, study_uid: str, new_sr_uid: str) -> list[Dataset]:
         """The study's earlier SRs (by UID, class and series) that the new one replaces."""

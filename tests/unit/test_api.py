@@ -6,6 +6,7 @@ these cases skip, unless CXR_TRIAGE_REQUIRE_SERVICES=1, where they fail.
 
 from __future__ import annotations
 
+import json
 import subprocess
 import sys
 import uuid
@@ -20,14 +21,17 @@ from pydicom.dataset import Dataset, FileMetaDataset
 from pydicom.uid import ExplicitVRLittleEndian, PYDICOM_IMPLEMENTATION_UID
 from sqlalchemy import func, select
 
+from cxr_model.labels import DEFAULT_URGENCY
 from dashboard_api.app import create_app
 from tests.conftest import need
+from triage_core import priority
 from triage_core.db import Database
 from triage_core.models import AuditEvent, Base, Export, Finding, Instance, Job, ResultObject, Study
 from triage_core.settings import Settings
 from triage_core.states import AuditAction, ExportStatus, JobStatus, ResultKind, Role, StudyStatus
 from triage_core.users import create_user
 from triage_core.storage import result_relpath
+from triage_core.values import FindingResult
 
 FINDINGS = (
     "Atelectasis", "Cardiomegaly", "Effusion", "Infiltration", "Mass", "Nodule", "Pneumonia",
@@ -35,12 +39,14 @@ FINDINGS = (
 )  # fmt: skip
 
 ROOT = "1.2.826.0.1.3680043.8.498.7701"
-HIGH = f"{ROOT}.1"  # DONE, priority 140, demo weights
-TIE = f"{ROOT}.2"  # DONE, priority 140, received after HIGH
-LOW = f"{ROOT}.3"  # DONE, priority 20, received first of all
-SKIPPED = f"{ROOT}.4"
-FAILED = f"{ROOT}.5"
+HIGH = f"{ROOT}.1"  # DONE, Pneumothorax flagged (critical), demo weights
+TIE = f"{ROOT}.2"  # DONE, critical too, received after HIGH
+LOW = f"{ROOT}.3"  # DONE, Nodule flagged (routine), received first of all
+SKIPPED = f"{ROOT}.4"  # not analysed
+FAILED = f"{ROOT}.5"  # not analysed
 UNKNOWN = f"{ROOT}.999"
+#: Both critical studies first (longest waiting first); the others have waited since 2024, long enough
+#: for age to raise them all to urgent, the ceiling of escalation, where they follow by time waited.
 WORKLIST_ORDER = [HIGH, TIE, LOW, SKIPPED, FAILED]
 
 FRONTAL = f"{HIGH}.1.1"
@@ -113,9 +119,9 @@ def write_dicom(path: Path, *, sop_class_uid: str, sop_instance_uid: str, study_
     ds.save_as(path, enforce_file_format=True)
 
 
-def _study(uid: str, status: StudyStatus, *, priority: float, minutes: int, reason: str = "", **extra) -> Study:
+def _study(uid: str, status: StudyStatus, *, minutes: int, reason: str = "", **extra) -> Study:
     at = T0 + timedelta(minutes=minutes)
-    return Study(
+    study = Study(
         study_instance_uid=uid,
         accession_number=f"ACC{uid[-1]}",
         patient_id=f"PID{uid[-1]}",
@@ -123,19 +129,32 @@ def _study(uid: str, status: StudyStatus, *, priority: float, minutes: int, reas
         study_date="20240501",
         status=str(status),
         status_reason=reason,
-        priority=priority,
         received_at=at,
+        waiting_since=at,
         last_instance_at=at,
         updated_at=at + timedelta(minutes=1),
+        priority_level=int(priority.Level.AWAITING_ANALYSIS),
         **extra,
     )
+    if status in (StudyStatus.SKIPPED, StudyStatus.FAILED):
+        priority.record_status(study, str(status), reason, at + timedelta(minutes=1))
+    return study
+
+
+def _analysed(study: Study) -> Study:
+    """The study's priority as the worker sets it, from its findings and the ChestX-ray14 urgency classes."""
+    results = [FindingResult(f.finding, f.probability, f.threshold, f.present) for f in study.findings]
+    priority.record_analysis(study, results, DEFAULT_URGENCY, priority.WorklistPolicy.from_minutes(),
+                             study.received_at + timedelta(seconds=30))
+    return study
 
 
 def _findings(sop_instance_uid: str, probabilities: dict[str, float]) -> list[Finding]:
     rows = []
     for name in FINDINGS:
         p = probabilities.get(name, 0.1)
-        rows.append(Finding(sop_instance_uid=sop_instance_uid, finding=name, probability=p, threshold=0.5, present=p >= 0.5))
+        rows.append(Finding(sop_instance_uid=sop_instance_uid, finding=name, probability=p, threshold=0.5,
+                            present=p >= 0.5, urgency=DEFAULT_URGENCY[name]))
     return rows
 
 
@@ -143,7 +162,7 @@ def seed(database: Database, results_dir: Path) -> None:
     demo = {"model_name": "cxr-densenet121", "model_version": "0.1.0-demo", "model_demo": True}
     real = {"model_name": "cxr-densenet121", "model_version": "1.0.0", "model_demo": False}
     with database.session() as session:
-        high = _study(HIGH, StudyStatus.DONE, priority=140.0, minutes=10, **demo)
+        high = _study(HIGH, StudyStatus.DONE, minutes=10, **demo)
         high.study_description = "XR CHEST PA AND LATERAL"
         high.instances = [
             Instance(
@@ -158,6 +177,7 @@ def seed(database: Database, results_dir: Path) -> None:
             ),
         ]  # fmt: skip
         high.findings = _findings(FRONTAL, HIGH_PROBABILITIES)
+        _analysed(high)
         sr_path = result_relpath(HIGH, SR_UID)
         write_dicom(
             results_dir / sr_path, sop_class_uid="1.2.840.10008.5.1.4.1.1.88.34", sop_instance_uid=SR_UID,
@@ -194,13 +214,15 @@ def seed(database: Database, results_dir: Path) -> None:
             Job(status=str(JobStatus.DONE), created_at=T0, enqueued_at=T0, started_at=T0, finished_at=T0, attempts=1)
         ]
 
-        tie = _study(TIE, StudyStatus.DONE, priority=140.0, minutes=20, **real)
+        tie = _study(TIE, StudyStatus.DONE, minutes=20, **real)
         tie.findings = _findings(f"{TIE}.1.1", {"Pneumothorax": 0.8})
-        low = _study(LOW, StudyStatus.DONE, priority=20.0, minutes=0, **real)
+        _analysed(tie)
+        low = _study(LOW, StudyStatus.DONE, minutes=0, **real)
         low.findings = _findings(f"{LOW}.1.1", {"Nodule": 0.66})
+        _analysed(low)
         low.exports = [Export(destination="PACS@10.0.0.5:104", status=str(ExportStatus.EXPORT_PENDING))]
-        skipped = _study(SKIPPED, StudyStatus.SKIPPED, priority=0.0, minutes=5, reason=SKIP_REASON)
-        failed = _study(FAILED, StudyStatus.FAILED, priority=0.0, minutes=6, reason=FAIL_REASON)
+        skipped = _study(SKIPPED, StudyStatus.SKIPPED, minutes=5, reason=SKIP_REASON)
+        failed = _study(FAILED, StudyStatus.FAILED, minutes=6, reason=FAIL_REASON)
         session.add_all([high, tie, low, skipped, failed])
 
 
@@ -308,7 +330,9 @@ def test_app_opens_its_own_database_from_settings(database_url, tmp_path):
     Base.metadata.create_all(setup.engine)
     setup.dispose()
     with TestClient(create_app(settings)) as client:
-        assert client.get("/worklist").json() == {"data": [], "count": 0, "disclaimer": "Not for diagnostic use."}
+        body = client.get("/worklist").json()
+        assert (body["data"], body["count"], body["count_exact"]) == ([], 0, True)
+        assert body["disclaimer"] == "Not for diagnostic use." and body["policy"]["ceiling"] == "urgent"
 
 
 # --- worklist --------------------------------------------------------------------------------------
@@ -328,9 +352,9 @@ def test_worklist_item_carries_top_findings_model_and_export_summary(env):
     assert high["patient_name"] == "Doe^Patient1" and high["accession_number"] == "ACC1"
     assert high["status"] == "DONE" and high["status_reason"] == ""
     assert high["top_findings"] == [
-        {"finding": "Pneumothorax", "probability": 0.91, "threshold": 0.5},
-        {"finding": "Effusion", "probability": 0.72, "threshold": 0.5},
-        {"finding": "Cardiomegaly", "probability": 0.61, "threshold": 0.5},
+        {"finding": "Pneumothorax", "probability": 0.91, "threshold": 0.5, "urgency": "critical"},
+        {"finding": "Effusion", "probability": 0.72, "threshold": 0.5, "urgency": "urgent"},
+        {"finding": "Cardiomegaly", "probability": 0.61, "threshold": 0.5, "urgency": "routine"},
     ]
     assert high["model"] == {"name": "cxr-densenet121", "version": "0.1.0-demo", "demo": True}
     assert high["export"] == {"status": "EXPORT_FAILED", "total": 2, "exported": 1, "pending": 0, "failed": 1}
@@ -630,3 +654,129 @@ def test_admin_can_retry_exports_others_may_not(env):
     assert bad.status_code == 422 and "study_instance_uid" in bad.text
     by_study = env.client.post("/exports/retry", json={"study_instance_uid": LOW}, headers=env.auth("root"))
     assert by_study.status_code == 200 and by_study.json()["count"] == 1
+
+
+# --- worklist policy, read state, SR content, viewer link, who am I ------------------------------------
+
+
+def test_worklist_items_explain_their_priority(env):
+    body = env.client.get("/worklist").json()
+    items = {item["study_instance_uid"]: item["priority"] for item in body["data"]}
+    high = items[HIGH]
+    assert (high["level"], high["name"], high["base"], high["analysis"]) == (5, "critical", "critical", "flagged")
+    assert high["flagged"][0] == {"finding": "Pneumothorax", "urgency": "critical", "probability": 0.91,
+                                  "threshold": 0.5}
+    assert high["explanation"].startswith("Critical finding flagged: Pneumothorax 0.91 (operating threshold 0.50); "
+                                          "also Effusion 0.72 (urgent), Cardiomegaly 0.61 (routine)")
+    assert high["waiting"] and not high["escalated"] and high["next_escalation_at"] is None
+    # Waiting since 2024: age has raised the routine study and the not-analysed ones to urgent, no further.
+    low = items[LOW]
+    assert (low["level"], low["name"], low["base"], low["escalated"]) == (4, "urgent", "routine", True)
+    assert "Escalated by age to not analysed at 1 h 00 min, then to urgent at 1 h 30 min" in low["explanation"]
+    skipped = items[SKIPPED]
+    assert (skipped["name"], skipped["base"], skipped["analysis"]) == ("urgent", "not_analysed", "not_analysed")
+    assert skipped["explanation"].startswith(f"Not analysed (SKIPPED: {SKIP_REASON}): read it without AI help.")
+    assert items[FAILED]["explanation"].startswith(f"Not analysed (FAILED: {FAIL_REASON})")
+    assert body["policy"] == {"escalation_minutes": {"awaiting_analysis": 10.0, "nothing_flagged": 240.0,
+                                                     "minor": 120.0, "routine": 60.0, "not_analysed": 30.0},
+                              "ceiling": "urgent"}
+    assert datetime.fromisoformat(body["as_of"]).tzinfo is not None and body["count_exact"] is True
+    detail = env.client.get(f"/studies/{HIGH}").json()
+    assert detail["priority"]["explanation"] == high["explanation"]
+    assert {f["finding"]: f["urgency"] for f in detail["images"][0]["findings"]} == DEFAULT_URGENCY
+
+
+def test_worklist_filters_by_finding_date_and_read_state(env):
+    def uids(**params):
+        response = env.client.get("/worklist", params=params)
+        assert response.status_code == 200, response.text
+        return [item["study_instance_uid"] for item in response.json()["data"]]
+
+    assert uids(finding="Pneumothorax") == [HIGH, TIE]
+    assert uids(finding="Nodule") == [LOW]
+    assert uids(finding="Hernia") == []  # scored on every image, flagged on none
+    assert uids(received_from=(T0 + timedelta(minutes=6)).isoformat()) == [HIGH, TIE, FAILED]
+    assert uids(received_from="2024-05-01T08:05:00", received_to="2024-05-01T08:10:00") == [HIGH, SKIPPED, FAILED]
+    assert uids(read="false") == WORKLIST_ORDER and uids(read="true") == []
+    assert env.client.put(f"/studies/{HIGH}/read").status_code == 200
+    assert uids() == [TIE, LOW, SKIPPED, FAILED, HIGH]  # read studies after every waiting one
+    assert uids(read="false") == [TIE, LOW, SKIPPED, FAILED] and uids(read="true") == [HIGH]
+    response = env.client.get("/worklist", params={"finding": "<script>"})
+    assert response.status_code == 422 and "query parameter 'finding'" in response.json()["detail"]
+    response = env.client.get("/worklist", params={"offset": 100_001})
+    assert response.status_code == 422 and "query parameter 'offset'" in response.json()["detail"]
+    [event, *_] = env.events(AuditAction.READ_WORKLIST)
+    assert event.detail["filter"] == {"finding": "Pneumothorax"}
+
+
+def test_marking_read_is_audited_idempotent_and_reversible(env):
+    first = env.client.put(f"/studies/{TIE}/read", headers=env.auth("alice"))
+    assert first.status_code == 200
+    body = first.json()
+    assert body["read_by"] == "alice" and body["read_at"] and body["priority"]["waiting"] is False
+    assert body["priority"]["explanation"].endswith("UTC: no longer waiting.")
+    again = env.client.put(f"/studies/{TIE}/read", headers=env.auth("bob")).json()
+    assert (again["read_by"], again["read_at"]) == ("alice", body["read_at"])  # the first reader stays
+    back = env.client.delete(f"/studies/{TIE}/read", headers=env.auth("bob")).json()
+    assert back["read_at"] is None and back["read_by"] == "" and back["priority"]["waiting"] is True
+    assert [(e.actor, e.action, e.study_instance_uid) for e in env.events()] == [
+        ("alice", "MARKED_READ", TIE), ("bob", "MARKED_UNREAD", TIE)]
+    assert env.client.put(f"/studies/{UNKNOWN}/read").status_code == 404
+    assert env.client.put(f"/studies/{TIE}/read", headers=env.auth("auditor")).status_code == 403
+
+
+def test_sr_content_reads_a_real_report_and_says_when_a_file_is_none(env):
+    from dicom_io.sr import build_sr
+    from tests.unit.test_results import DEMO, NIH, _result
+
+    broken = env.client.get(f"/studies/{HIGH}/sr/content")  # the seed's SR file is a bare dataset
+    assert broken.status_code == 500 and "cannot be read: not a structured report" in broken.json()["detail"]
+    source = pydicom.dcmread(NIH)
+    build_sr([source], [_result(source)], DEMO).save_as(env.settings.results_dir / result_relpath(HIGH, SR_UID),
+                                                        enforce_file_format=True)
+    response = env.client.get(f"/studies/{HIGH}/sr/content")
+    assert response.status_code == 200, response.text
+    body = response.json()
+    assert body["title"] == "Imaging Measurement Report" and body["verification_flag"] == "UNVERIFIED"
+    assert body["root"]["value_type"] == "CONTAINER" and body["root"]["code"] == "(126000, DCM)"
+    groups = [c for c in body["root"]["children"] if c["name"] == "Imaging Measurements"][0]["children"]
+    assert len(groups) == 14 and "NUM Probability = " in body["text"]
+    assert "DEMO WEIGHTS" in body["disclaimer"]
+    [event] = env.events(AuditAction.READ_SR)
+    assert event.detail == {"sop_instance_uid": SR_UID, "format": "content"}
+    assert env.client.get(f"/studies/{SKIPPED}/sr/content").status_code == 404
+
+
+def test_viewer_link_follows_the_configured_template(env):
+    assert env.client.get(f"/studies/{HIGH}").json()["viewer_url"] is None
+    settings = env.settings.model_copy(update={
+        "viewer_url_template": "https://pacs.hospital.example/viewer?StudyInstanceUIDs={study_instance_uid}&acc={accession_number}"})
+    with TestClient(create_app(settings, env.database), headers=env.auth("dr.house")) as client:
+        url = client.get(f"/studies/{HIGH}").json()["viewer_url"]
+    assert url == f"https://pacs.hospital.example/viewer?StudyInstanceUIDs={HIGH}&acc=ACC1"
+
+
+def test_me_says_who_the_credentials_belong_to(env):
+    me = env.client.get("/me").json()
+    assert me == {"name": "dr.house", "roles": ["radiologist"], "method": "api-key", "permissions": ["read_studies"]}
+    assert env.client.get("/me", headers=env.auth("auditor")).json()["permissions"] == ["read_audit"]
+    assert env.client.get("/me", headers=env.auth("root")).json()["permissions"] == [
+        "operate", "read_audit", "read_studies"]
+    assert env.events() == []  # reads no study data
+
+
+def test_the_page_and_the_docs_are_served_from_the_package_without_credentials(env):
+    page = env.client.get("/", headers={"Authorization": ""})
+    assert page.status_code == 200 and page.headers["content-type"].startswith("text/html")
+    csp = page.headers["content-security-policy"]
+    assert "default-src 'none'" in csp and "script-src 'self'" in csp and "connect-src 'self'" in csp
+    config = json.loads(page.text.split('id="cxr-config">')[1].split("</script>")[0])
+    assert config == {"version": env.client.app.version, "oidc": None, "refresh_seconds": 15.0}
+    for path in ("/static/app.js", "/static/app.css", "/static/vendor/swagger-ui/swagger-ui-bundle.js",
+                 "/static/vendor/redoc/redoc.standalone.js", "/docs", "/redoc"):
+        response = env.client.get(path, headers={"Authorization": ""})
+        assert response.status_code == 200, path
+        assert b"cdn." not in response.content[:2000] and b"googleapis" not in response.content, path
+    assert "Licensed under the Apache License" in env.client.get("/static/vendor/swagger-ui/LICENSE").text
+    assert "MIT" in env.client.get("/static/vendor/redoc/LICENSE").text
+    assert env.events() == []

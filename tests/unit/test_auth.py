@@ -6,11 +6,16 @@ document and a JWKS; tokens are signed with real RSA/EC keys (PyJWT + cryptograp
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import html
 import json
+import secrets
 import subprocess
 import sys
 import threading
 import time
+import urllib.parse
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import jwt
@@ -31,7 +36,17 @@ AUDIENCE = "cxr-triage-api"
 
 
 class IdentityProvider:
-    """An OpenID provider's public face: discovery document and JWKS over HTTP on loopback."""
+    """An OpenID provider on loopback: discovery, JWKS, and the authorization code flow with PKCE.
+
+    ``/auth`` shows a sign-in form (a user picked by name) and redirects back with a one-time code
+    bound to the client, the redirect URI and the PKCE challenge; ``/token`` trades the code for an
+    access token only against the verifier whose SHA-256 is that challenge (RFC 7636, S256 only).
+    Browsers reach it cross-origin, so it answers with CORS headers as real providers do.
+    """
+
+    CLIENT_ID = "cxr-triage-page"
+    #: Users who can sign in, with the groups their tokens carry.
+    USERS = {"dr.grey": ["CXR-Radiologists"], "ann.audit": ["CXR-Audit"]}
 
     def __init__(self) -> None:
         self.port = free_port()
@@ -39,30 +54,120 @@ class IdentityProvider:
         self.rsa = rsa.generate_private_key(public_exponent=65537, key_size=2048)
         self.ec = ec.generate_private_key(ec.SECP256R1())
         self.requests: list[str] = []
+        self.redirect_uris: set[str] = set()
+        self.codes: dict[str, dict] = {}
+        self.token_requests: list[dict[str, str]] = []
         provider = self
+        base = "/realms/hospital"
 
         class Handler(BaseHTTPRequestHandler):
+            def _send(self, status: int, body: bytes, content_type: str, headers: dict | None = None) -> None:
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(body)))
+                if self.headers.get("Origin"):
+                    self.send_header("Access-Control-Allow-Origin", self.headers["Origin"])
+                for name, value in (headers or {}).items():
+                    self.send_header(name, value)
+                self.end_headers()
+                self.wfile.write(body)
+
+            def _json(self, status: int, body: dict) -> None:
+                self._send(status, json.dumps(body).encode(), "application/json")
+
             def do_GET(self):  # noqa: N802 - http.server's name
                 provider.requests.append(self.path)
-                if self.path == "/realms/hospital/.well-known/openid-configuration":
-                    body = {"issuer": provider.issuer, "jwks_uri": f"{provider.issuer}/certs"}
-                elif self.path == "/realms/hospital/certs":
-                    body = provider.jwks()
+                path, _, query = self.path.partition("?")
+                if path == f"{base}/.well-known/openid-configuration":
+                    self._json(200, provider.discovery())
+                elif path == f"{base}/certs":
+                    self._json(200, provider.jwks())
+                elif path == f"{base}/auth":
+                    status, page = provider.authorize_page(dict(urllib.parse.parse_qsl(query)))
+                    self._send(status, page.encode(), "text/html; charset=utf-8")
                 else:
                     self.send_error(404)
-                    return
-                data = json.dumps(body).encode()
-                self.send_response(200)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
-                self.wfile.write(data)
+
+            def do_POST(self):  # noqa: N802
+                provider.requests.append(self.path)
+                length = int(self.headers.get("Content-Length") or 0)
+                form = dict(urllib.parse.parse_qsl(self.rfile.read(length).decode()))
+                path = self.path.partition("?")[0]
+                if path == f"{base}/auth":
+                    status, where = provider.sign_in(form)
+                    if status == 302:
+                        self._send(302, b"", "text/plain", {"Location": where})
+                    else:
+                        self._send(status, where.encode(), "text/plain")
+                elif path == f"{base}/token":
+                    self._json(*provider.exchange(form))
+                else:
+                    self.send_error(404)
 
             def log_message(self, *args):
                 pass
 
         self.server = ThreadingHTTPServer(("127.0.0.1", self.port), Handler)
         self.thread = threading.Thread(target=self.server.serve_forever, daemon=True)
+
+    def discovery(self) -> dict:
+        return {"issuer": self.issuer, "jwks_uri": f"{self.issuer}/certs",
+                "authorization_endpoint": f"{self.issuer}/auth", "token_endpoint": f"{self.issuer}/token",
+                "response_types_supported": ["code"], "code_challenge_methods_supported": ["S256"],
+                "grant_types_supported": ["authorization_code"]}
+
+    def _check_client(self, params: dict[str, str]) -> str:
+        if params.get("client_id") != self.CLIENT_ID:
+            return "unknown client_id"
+        if params.get("redirect_uri") not in self.redirect_uris:
+            return f"redirect_uri {params.get('redirect_uri')!r} is not registered"
+        return ""
+
+    def authorize_page(self, params: dict[str, str]) -> tuple[int, str]:
+        problem = self._check_client(params)
+        if not problem and params.get("response_type") != "code":
+            problem = "response_type must be code"
+        if not problem and (params.get("code_challenge_method") != "S256" or len(params.get("code_challenge", "")) < 43):
+            problem = "PKCE with S256 is required"
+        if problem:
+            return 400, f"<p>{html.escape(problem)}</p>"
+        hidden = "".join(f'<input type="hidden" name="{html.escape(k)}" value="{html.escape(v)}">'
+                         for k, v in params.items())
+        options = "".join(f'<option value="{u}">{u}</option>' for u in self.USERS)
+        return 200, (f'<!DOCTYPE html><html lang="en"><title>Hospital sign-in</title><form method="post">{hidden}'
+                     f'<label for="username">User</label><select id="username" name="username">{options}</select>'
+                     '<button type="submit" id="idp-sign-in">Sign in</button>'
+                     '<button type="submit" name="deny" value="1" id="idp-deny">Cancel</button></form></html>')
+
+    def sign_in(self, form: dict[str, str]) -> tuple[int, str]:
+        problem = self._check_client(form)
+        if problem:
+            return 400, problem
+        back = form["redirect_uri"]
+        if form.get("deny"):
+            return 302, back + "?" + urllib.parse.urlencode(
+                {"error": "access_denied", "error_description": "the user cancelled", "state": form.get("state", "")})
+        code = secrets.token_urlsafe(24)
+        self.codes[code] = {"client_id": form["client_id"], "redirect_uri": back, "user": form["username"],
+                            "challenge": form["code_challenge"], "nonce": form.get("nonce", "")}
+        return 302, back + "?" + urllib.parse.urlencode({"code": code, "state": form.get("state", "")})
+
+    def exchange(self, form: dict[str, str]) -> tuple[int, dict]:
+        self.token_requests.append(form)
+        if form.get("grant_type") != "authorization_code":
+            return 400, {"error": "unsupported_grant_type"}
+        grant = self.codes.pop(form.get("code", ""), None)  # one use only
+        if grant is None:
+            return 400, {"error": "invalid_grant", "error_description": "unknown or used code"}
+        if form.get("client_id") != grant["client_id"] or form.get("redirect_uri") != grant["redirect_uri"]:
+            return 400, {"error": "invalid_grant", "error_description": "client or redirect_uri differs"}
+        digest = hashlib.sha256(form.get("code_verifier", "").encode()).digest()
+        if base64.urlsafe_b64encode(digest).rstrip(b"=").decode() != grant["challenge"]:
+            return 400, {"error": "invalid_grant", "error_description": "PKCE verification failed"}
+        user = grant["user"]
+        access = self.token(preferred_username=user, realm_access={"roles": self.USERS[user]})
+        return 200, {"access_token": access, "token_type": "Bearer", "expires_in": 300,
+                     "id_token": self.token(aud=self.CLIENT_ID, preferred_username=user, nonce=grant["nonce"])}
 
     def jwks(self) -> dict:
         keys = []
@@ -173,8 +278,6 @@ def test_oidc_signature_key_and_algorithm_are_pinned(oidc_client, idp):
     assert client.get("/worklist", headers=bearer(unsigned)).status_code == 401
     # HS256 keyed with the public key's bytes (the classic confusion attack), made by hand since PyJWT refuses
     # to sign it: refused by the algorithm pin before any key is used.
-    import base64
-    import hashlib
     import hmac
 
     from cryptography.hazmat.primitives import serialization

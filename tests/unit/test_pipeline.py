@@ -13,8 +13,8 @@ from dicom_node.ingest import IngestService
 from dicom_node.readiness import mark_quiet_studies_ready
 from tests.conftest import DATA, free_port
 from triage_core.db import Database
+from triage_core import priority
 from triage_core.models import AuditEvent, Base, Export, Finding, Instance, Job, ResultObject, Study
-from triage_core.priority import compute_priority
 from triage_core.settings import Settings
 from triage_core.values import FindingResult
 from worker.export import export_once
@@ -69,8 +69,13 @@ def test_chest_study_is_scored_stored_and_queued_for_export(env):
         assert study.model_name == "cxr-triage-demo-densenet121" and study.model_version
         findings = session.scalars(select(Finding)).all()
         assert len(findings) == 14 and all(0 <= f.probability <= 1 for f in findings)
-        expected = compute_priority(FindingResult(f.finding, f.probability, f.threshold, f.present) for f in findings)
-        assert study.priority == pytest.approx(expected) and study.priority > 0  # the demo model flags findings
+        card = _model(settings).card
+        expected, flagged = priority.assess(
+            (FindingResult(f.finding, f.probability, f.threshold, f.present) for f in findings), card.urgency)
+        assert flagged and study.priority_level == expected  # the demo model flags findings
+        assert study.priority_detail["analysis"] == "flagged"
+        assert [f["finding"] for f in study.priority_detail["flagged"]] == [f.finding for f in flagged]
+        assert {f.finding: f.urgency for f in findings} == card.urgency  # each finding row keeps its class
         rows = session.scalars(select(ResultObject)).all()
         kinds = sorted(r.kind for r in rows)
         assert kinds.count("SR") == 1 and "HEATMAP" in kinds

@@ -47,6 +47,7 @@ import pydicom
 import pytest
 from pydicom.uid import ExplicitVRLittleEndian
 
+from cxr_model.labels import DEFAULT_URGENCY
 from dicom_io import codes as _sr_codes
 from dicom_io.pixels import display_array
 from dicom_io.pm import PARAMETRIC_MAP_SERIES_NUMBER, build_parametric_maps
@@ -54,6 +55,7 @@ from dicom_io.results import ResultObjects, build_results
 from dicom_io.sc import HEATMAP_SERIES_NUMBER, HeatmapOptions, build_heatmaps, heatmaps_by_finding
 from dicom_io.sr import build_sr
 from dicom_io.uids import device_uid, image_key, result_uid
+from triage_core.priority import heatmap_rank
 from triage_core.values import AlgorithmInfo, FindingResult, ImageResult
 
 DATA = Path(__file__).resolve().parents[1] / "data" / "cxr_dicom"
@@ -425,9 +427,9 @@ def test_secondary_capture_shows_what_predict_heatmaps_draws(nih: pydicom.Datase
 def test_many_positive_findings_get_images_for_the_most_urgent_and_one_overview(nih: pydicom.Dataset) -> None:
     positives = ("Pneumothorax", "Effusion", "Pneumonia", "Consolidation", "Edema", "Mass", "Cardiomegaly", "Nodule")
     result = _result(nih, positives=positives)
-    order = ("Pneumothorax", "Effusion", "Pneumonia", "Consolidation", "Edema", "Mass", "Cardiomegaly",
-             "Atelectasis", "Nodule")
-    pairs = heatmaps_by_finding(nih, display_array(nih), result, _cams(), DEMO, HeatmapOptions(per_finding=3, order=order))
+    # The card's urgency classes: the critical pneumothorax first, then the urgent ones by probability.
+    rank = heatmap_rank(FINDINGS, DEFAULT_URGENCY)
+    pairs = heatmaps_by_finding(nih, display_array(nih), result, _cams(), DEMO, HeatmapOptions(per_finding=3, rank=rank))
     assert [name for name, _ in pairs] == ["Pneumothorax", "Effusion", "Pneumonia", "overview"]
     overview = pairs[-1][1]
     assert overview.ImageComments.startswith("Overview of 8 positive findings: Pneumothorax")

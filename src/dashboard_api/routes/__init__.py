@@ -3,7 +3,7 @@
 from fastapi import APIRouter, status
 
 from ..schemas import ErrorPublic, ValidationErrorPublic, error_response
-from . import audit, dicomweb, exports, health, studies, users, worklist
+from . import audit, dicomweb, exports, health, me, studies, users, worklist
 
 _INVALID = {422: error_response("Invalid parameter", ValidationErrorPublic)}
 _AUTH = {
@@ -14,6 +14,7 @@ _AUTH = {
 
 api_router = APIRouter()
 api_router.include_router(health.router)
+api_router.include_router(me.router, responses=_AUTH)
 api_router.include_router(worklist.router, responses={**_AUTH, **_INVALID})
 api_router.include_router(studies.router, responses={**_AUTH, **_INVALID})
 api_router.include_router(dicomweb.router, responses={**_AUTH, **_INVALID})
