@@ -22,6 +22,7 @@ from __future__ import annotations
 import argparse
 import copy
 import json
+import os
 import re
 import shutil
 import statistics
@@ -95,13 +96,13 @@ model_dir, files = sys.argv[1], [Path(p) for p in sys.argv[2:]]
 model = load_model_for(Settings(model_threads=1), model_dir, threads=1)
 image, meta = read_radiograph_and_metadata(files[0])
 model.predict([image], cams=True, metadata=[meta])  # warm
-start = time.perf_counter()
+start, cpu = time.perf_counter(), time.process_time()
 for path in files:
     image, meta = read_radiograph_and_metadata(path)
     prediction = model.predict([image], cams=True, metadata=[meta])[0]
     [prediction.cams[f] for f in prediction.positive]  # the maps a heatmap needs, on the image grid
-seconds = time.perf_counter() - start
-print(json.dumps({"images": len(files), "seconds": seconds, "runtime": model.runtime}))
+seconds, cpu = time.perf_counter() - start, time.process_time() - cpu
+print(json.dumps({"images": len(files), "seconds": seconds, "cpu_seconds": cpu, "runtime": model.runtime}))
 """
 
 
@@ -113,7 +114,9 @@ def predict_baseline(model_dir: Path, files: list[Path], processes: int, env: di
              for share in shares]
     results = [json.loads(p.communicate()[0].strip().splitlines()[-1]) for p in procs]
     per_process = [r["images"] / r["seconds"] for r in results]
-    return {"images_per_s": sum(per_process), "per_process": per_process, "runtime": results[0]["runtime"]}
+    cpu_ms = 1000 * sum(r["cpu_seconds"] for r in results) / sum(r["images"] for r in results)
+    return {"images_per_s": sum(per_process), "per_process": per_process, "runtime": results[0]["runtime"],
+            "cpu_ms_per_image": cpu_ms}
 
 
 def study_times(database_url: str) -> dict[str, dict]:
@@ -143,6 +146,11 @@ def study_times(database_url: str) -> dict[str, dict]:
 def stage_means(log: str) -> dict[str, float]:
     totals: dict[str, list[float]] = {}
     for line in log.splitlines():
+        if line.startswith("{"):  # the service's JSON log lines (CXR_TRIAGE_LOG_FORMAT=json)
+            try:
+                line = json.loads(line).get("message", "")
+            except ValueError:
+                pass
         match = STAGE.search(line)
         if match:
             for part in match.group(3).split():
@@ -150,6 +158,30 @@ def stage_means(log: str) -> dict[str, float]:
                 key = name if match.group(1) == "job" else f"export_{name}"
                 totals.setdefault(key, []).append(float(value))
     return {name: statistics.mean(values) for name, values in totals.items()}
+
+
+def cpu_by_role(session_id: int, orthanc_pid: int) -> dict[str, float]:
+    """CPU seconds used so far by the service's processes (its session), by role, and by Orthanc."""
+    tick = os.sysconf("SC_CLK_TCK")
+    roles: dict[str, float] = {}
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        try:
+            fields = (entry / "stat").read_text().rsplit(")", 1)[1].split()
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ").decode(errors="replace")
+        except OSError:
+            continue
+        session, seconds = int(fields[3]), (int(fields[11]) + int(fields[12])) / tick
+        if int(entry.name) == orthanc_pid:
+            role = "orthanc"
+        elif session != session_id:
+            continue
+        else:
+            role = next((r for r in ("node", "worker", "api") if f"cxr_triage.cli {r}" in cmdline),
+                        "node" if "multiprocessing" in cmdline else "serve")
+        roles[role] = roles.get(role, 0.0) + seconds
+    return roles
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -193,6 +225,7 @@ def main(argv: list[str] | None = None) -> int:
         service = Service(work, env).start(args.processes)
         database_url = args.database_url or f"sqlite:///{work / 'var' / 'triage.sqlite'}"
 
+        cpu_before = cpu_by_role(service.process.pid, orthanc.process.pid)
         started = time.time()
         sent = subprocess.run(["storescu", "-aec", service.ae_title, "127.0.0.1", str(service.dicom_port),
                                *map(str, files)], capture_output=True, text=True, env={**service.env, "TCP_NODELAY": "1"})
@@ -207,6 +240,8 @@ def main(argv: list[str] | None = None) -> int:
 
         times = wait_until(all_exported, 60 + 10 * args.studies, interval=0.5, what="every study in PACS")
         finished = max(t["export"].updated_at.timestamp() for t in times.values())
+        cpu_after = cpu_by_role(service.process.pid, orthanc.process.pid)
+        cpu_ms = {role: 1000 * (cpu_after[role] - cpu_before.get(role, 0.0)) / args.studies for role in cpu_after}
         log = service.log_path.read_text(errors="replace")
     finally:
         if service is not None:
@@ -246,6 +281,8 @@ def main(argv: list[str] | None = None) -> int:
         "result_objects_per_study": statistics.mean(objects),
         "objects_in_pacs": in_pacs,
         "worker_stage_means_ms": stages,
+        "cpu_ms_per_study": cpu_ms,
+        "predict_cpu_ms_per_image": baseline.get("cpu_ms_per_image"),
         "load_average_before": load_before, "load_average_after": load_average(),
         "extra_settings": args.env, "pacs_tcp_nodelay": not args.pacs_nagle,
     }
@@ -265,6 +302,9 @@ def main(argv: list[str] | None = None) -> int:
         print("  worker stages (mean ms per study): " + ", ".join(
             f"{k} {v:.1f} ({100 * v / total:.0f}%)" for k, v in stages.items()
             if k not in ("total", "export_objects")) + f"; job {job_total:.1f} + export = {total:.1f}")
+    print("  CPU per study (ms, all cores): " + ", ".join(f"{role} {ms:.0f}" for role, ms in sorted(cpu_ms.items()))
+          + f"; total {sum(cpu_ms.values()):.0f}"
+          + (f" vs predict {baseline['cpu_ms_per_image']:.0f} per image" if baseline.get("cpu_ms_per_image") else ""))
     print(f"  load average before/after: {load_before} / {numbers['load_average_after']}")
     if args.json:
         args.json.write_text(json.dumps(numbers, indent=2, default=str))
