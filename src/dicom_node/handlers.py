@@ -58,13 +58,16 @@ def handle_store(event: events.Event, ingest: IngestService) -> int | Dataset:
     started = time.perf_counter()
     answer = _store(event, ingest)
     code = answer if isinstance(answer, int) else int(answer.Status)
-    counters = metrics.node()
-    counters.cstore_seconds.observe(time.perf_counter() - started)
-    if is_success(code):
-        counters.instances_received.labels("duplicate" if getattr(event.assoc, "cxr_duplicate", False)
-                                           else "stored").inc()
-    else:
-        counters.instances_refused.labels(f"0x{code:04X}").inc()
+    try:  # a metric never changes the answer
+        counters = metrics.node()
+        counters.cstore_seconds.observe(time.perf_counter() - started)
+        if is_success(code):
+            counters.instances_received.labels("duplicate" if getattr(event.assoc, "cxr_duplicate", False)
+                                               else "stored").inc()
+        else:
+            counters.instances_refused.labels(f"0x{code:04X}").inc()
+    except Exception:
+        log.exception("C-STORE metrics could not be counted")
     return answer
 
 

@@ -15,6 +15,7 @@ No label carries patient data: outcomes, DIMSE status codes, runtimes and study 
 from __future__ import annotations
 
 import shutil
+import threading
 from dataclasses import dataclass
 from datetime import datetime, timedelta, timezone
 from functools import lru_cache
@@ -47,8 +48,26 @@ class WorkerMetrics:
     model_loaded: Gauge
 
 
-@lru_cache(maxsize=1)
+#: lru_cache alone lets two threads make the metrics at once, and the second registration raises
+#: DuplicateTimeseries: two associations' first C-STOREs in a fresh receiving process did, and one
+#: was answered 0xC211 (an exception in pynetdicom's handler). Made under this lock instead.
+_MAKING = threading.Lock()
+
+
 def node() -> NodeMetrics:
+    """The node's metrics, made on first use by any thread (so that a worker exposes none of them)."""
+    with _MAKING:
+        return _node()
+
+
+def worker() -> WorkerMetrics:
+    """The model worker's metrics, made on first use by any thread."""
+    with _MAKING:
+        return _worker()
+
+
+@lru_cache(maxsize=1)
+def _node() -> NodeMetrics:
     """The node's metrics, made on first use (so that a worker exposes none of them)."""
     return NodeMetrics(
         Counter("cxr_triage_instances_received", "C-STORE requests answered with success",
@@ -62,7 +81,7 @@ def node() -> NodeMetrics:
 
 
 @lru_cache(maxsize=1)
-def worker() -> WorkerMetrics:
+def _worker() -> WorkerMetrics:
     """The model worker's metrics (multiprocess mode when PROMETHEUS_MULTIPROC_DIR is set), made on first use."""
     return WorkerMetrics(
         Counter("cxr_triage_jobs_finished", "Jobs a model process ended, by outcome", ["outcome"]),

@@ -575,7 +575,8 @@ def test_node_spreads_associations_over_receiving_processes_with_exact_limits(tm
         senders = [subprocess.Popen(["storescu", "-aec", "NODE_PROC", "127.0.0.1", str(port), *map(str, share)],
                                     stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
                    for share in (files[0::2], files[1::2])]
-        assert [s.wait(60) for s in senders] == [0, 0]
+        codes = [s.wait(60) for s in senders]
+        assert codes == [0, 0], [s.stderr.read().decode(errors="replace")[-2000:] for s in senders]
         with sqlite3.connect(tmp_path / "var" / "triage.sqlite") as connection:
             assert connection.execute("SELECT count(*) FROM instances").fetchone()[0] == 8
             kinds = [row[0] for row in connection.execute(
