@@ -46,6 +46,7 @@ from triage_core.settings import Settings
 from triage_core.states import AuditAction, StudyStatus
 from triage_core.storage import LocalStore, instance_relpath, is_valid_uid
 
+from .batching import take_batch
 from .statuses import (
     CANNOT_UNDERSTAND,
     DATASET_DOES_NOT_MATCH_SOP_CLASS,
@@ -180,16 +181,7 @@ class GroupCommitter(Generic[T, R]):
             first = self._queue.get()
             if first is None:
                 return
-            batch = [first]
-            while len(batch) < self._limit:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
+            batch = take_batch(self._queue, first, self._limit)
             items = [item for item, _ in batch]
             try:
                 results = self._commit(items)

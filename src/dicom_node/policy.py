@@ -30,6 +30,8 @@ from triage_core import audit, metrics
 from triage_core.db import Database
 from triage_core.states import AuditAction, AuditOutcome
 
+from .batching import take_batch
+
 log = logging.getLogger(__name__)
 ACTOR = audit.SYSTEM_ACTORS["node"]
 IPNetwork = ipaddress.IPv4Network | ipaddress.IPv6Network
@@ -183,16 +185,7 @@ class RefusalLog:
             item = self._queue.get()
             if item is None:
                 return
-            batch = [item]
-            while len(batch) < 100:
-                try:
-                    nxt = self._queue.get_nowait()
-                except queue.Empty:
-                    break
-                if nxt is None:
-                    self._queue.put(None)
-                    break
-                batch.append(nxt)
+            batch = take_batch(self._queue, item, 100)
             try:
                 assert self.database is not None
                 with self.database.session() as session:
